@@ -1,0 +1,73 @@
+"""Rebuild a trained model from a checkpoint and run it over a loader, batch by batch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint import load_checkpoint
+from .data import Batch
+from .errors import CheckpointError
+from .mixture import Mixture
+from .model import MDNRegressor, ModelArgs
+from .runtime import Runtime
+from .targets import TargetScaler
+
+
+@dataclass
+class Predictor:
+    model: MDNRegressor
+    scaler: TargetScaler
+    sigma_scale: float
+    """Post-hoc calibration factor on every component std (1.0 = none)."""
+
+    @classmethod
+    def from_checkpoint(cls, path, runtime: Runtime) -> tuple[Predictor, dict]:
+        ckpt = load_checkpoint(path)
+        try:
+            args = ModelArgs.from_dict(ckpt["model_args"])
+            model = MDNRegressor(args, pretrained=False)
+            model.load_state_dict(ckpt["model"])
+            scaler = TargetScaler.from_state_dict(ckpt["target_scaler"])
+            sigma_scale = float((ckpt.get("calibration") or {}).get("sigma_scale", 1.0))
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: checkpoint contents do not match this mdn ({type(e).__name__}: {str(e)[:160]})") from None
+        model.to(runtime.device).eval()
+        return cls(model, scaler, sigma_scale), ckpt
+
+    def mixture(self, outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], calibrated: bool = True) -> Mixture:
+        m = self.scaler.to_mixture(*outputs)
+        return m.scaled(self.sigma_scale) if calibrated and self.sigma_scale != 1.0 else m
+
+
+@torch.inference_mode()
+def run_model(
+    model: torch.nn.Module,
+    batches: Iterable[Batch],
+    runtime: Runtime,
+    on_skip: Callable[[str], None],
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Head outputs (logits, means, stds), each (N, K) float32 on CPU, and targets (N,) float64
+    for every image that decoded; `on_skip(message)` is called for each one that did not."""
+    was_training = model.training
+    model.eval()
+    outs: list[tuple[torch.Tensor, ...]] = []
+    targets: list[torch.Tensor] = []
+    try:
+        for batch in batches:
+            for message in batch.skipped:
+                on_skip(message)
+            if batch.images.shape[0] == 0:
+                continue
+            with runtime.autocast():
+                out = model(batch.images.to(runtime.device, non_blocking=True))
+            outs.append(tuple(o.float().cpu() for o in out))
+            targets.append(batch.targets)
+    finally:
+        model.train(was_training)
+    if not outs:
+        empty = torch.empty(0, 0)
+        return (empty, empty, empty), torch.empty(0, dtype=torch.float64)
+    return tuple(torch.cat(parts) for parts in zip(*outs)), torch.cat(targets)  # type: ignore[return-value]

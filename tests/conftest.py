@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny generated data sets and configs, never ../shared or the network."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    """Import a file from scripts/ as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory) -> Path:
+    """A 60-image toy puppies data set at 32 px (labels.csv, truth.csv, images/)."""
+    out = tmp_path_factory.mktemp("toy")
+    load_script("make_toy_data").make_toy_dataset(out, n=60, seed=1, size=32)
+    return out
+
+
+def write_config(path: Path, data_root: Path, out_dir: Path, **sections) -> Path:
+    """A small, fast CPU config; keyword arguments override whole sections' keys."""
+    cfg = {
+        "run": {"name": "tiny", "out_dir": str(out_dir), "seed": 0, "device": "cpu"},
+        "data": {
+            "root": str(data_root),
+            "labels": "labels.csv",
+            "target_column": "weight",
+            "image_size": 32,
+            "num_workers": 0,
+            "val_fraction": 0.2,
+            "test_fraction": 0.2,
+        },
+        "model": {"backbone": "resnet18", "pretrained": False, "components": 2},
+        "train": {"epochs": 2, "batch_size": 8, "lr": 1.0e-3, "early_stopping_patience": None},
+    }
+    for section, values in sections.items():
+        cfg[section].update(values)
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path, toy_data) -> Path:
+    return write_config(tmp_path / "config.yaml", toy_data, tmp_path / "runs")
