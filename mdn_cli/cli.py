@@ -78,6 +78,96 @@ def train(
         ) from None
 
 
+@app.command()
+def predict(
+    images: Annotated[list[str], typer.Argument(help="Image files, folders (every image inside) or glob patterns.")],
+    checkpoint: Annotated[
+        Path | None, typer.Option("--checkpoint", "-c", help="Checkpoint to use (default: the newest best.pt under ./runs).")
+    ] = None,
+    format: Annotated[str, typer.Option("--format", "-f", help="Output format: table, json or csv.")] = "table",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Write one PNG per image (image beside its predicted density) here.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
+) -> None:
+    """Predict a distribution per image: mean, std, median, mode, 68% and 95% intervals, and the
+    mixture components. Exit code 1 when some inputs could not be read (the rest are still predicted)."""
+    from .predict import FORMATS
+
+    if format not in FORMATS:
+        raise fail(f"--format must be one of {', '.join(FORMATS)} (got {format!r})")
+    try:
+        from .predict import collect_images, find_latest_checkpoint, format_predictions, predict_images, write_output
+
+        if checkpoint is None:
+            checkpoint = find_latest_checkpoint()
+            typer.echo(f"using checkpoint {checkpoint}", err=True)
+        paths, problems = collect_images(images)
+        for problem in problems:
+            typer.secho(f"skipped: {problem}", err=True, fg=typer.colors.YELLOW)
+        if not paths:
+            raise fail("no images to predict")
+        skipped: list[str] = []
+
+        def on_skip(message: str) -> None:
+            skipped.append(message)
+            typer.secho(f"skipped: {message}", err=True, fg=typer.colors.YELLOW)
+
+        predictions, mixture = predict_images(paths, checkpoint, device=device, batch_size=batch_size, on_skip=on_skip)
+        if predictions:
+            write_output(format_predictions(predictions, format), output)
+        if plot is not None and predictions:
+            from .plots import write_density_plots
+
+            written = write_density_plots(predictions, mixture, plot)
+            typer.echo(f"wrote {len(written)} plots to {plot}", err=True)
+    except MdnError as e:
+        raise fail(str(e), e.exit_code) from None
+    if problems or skipped:
+        n = len(problems) + len(skipped)
+        raise fail(f"{n} input{'s' if n > 1 else ''} could not be read (see above); {len(predictions)} predicted", 1)
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[
+        Path | None, typer.Option("--checkpoint", "-c", help="Checkpoint to score (default: the newest best.pt under ./runs).")
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="A labels CSV in the training format (image paths relative to its folder); default: the run's own split."),
+    ] = None,
+    split: Annotated[
+        str | None, typer.Option("--split", help="train, val or test (default: test of the run's splits.csv; all rows of --data).")
+    ] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output folder (default: the run's eval/).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+) -> None:
+    """Score a checkpoint on labelled images: NLL, CRPS, MAE/RMSE, interval coverage and width,
+    calibration error; writes metrics.json, predictions.csv and diagnostic plots."""
+    if split is not None and split not in ("train", "val", "test"):
+        raise fail(f"--split must be train, val or test (got {split!r})")
+    try:
+        from .evaluate import evaluate as run_evaluation
+        from .evaluate import format_metrics
+        from .predict import find_latest_checkpoint
+
+        if checkpoint is None:
+            checkpoint = find_latest_checkpoint()
+            typer.echo(f"using checkpoint {checkpoint}", err=True)
+        evaluation, out, described = run_evaluation(
+            checkpoint, data, split, output, device,
+            on_skip=lambda message: typer.secho(f"skipped: {message}", err=True, fg=typer.colors.YELLOW),
+        )
+    except MdnError as e:
+        raise fail(str(e), e.exit_code) from None
+    typer.echo(f"{checkpoint} on {described}:")
+    typer.echo(format_metrics(evaluation.metrics), nl=False)
+    typer.echo(f"wrote metrics.json, predictions.csv and plots to {out}")
+
+
 def main() -> None:  # pragma: no cover - console entry point alias
     app(prog_name="mdn")
 

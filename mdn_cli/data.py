@@ -212,7 +212,7 @@ class ImageRegressionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, float] | str:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, float, int] | str:
         i, seed = key if isinstance(key, tuple) else (key, None)
         try:
             image = decode_resized(self.paths[i], self.image_size)
@@ -222,7 +222,7 @@ class ImageRegressionDataset(Dataset):
             image = random_shift_flip(image, self.image_size, torch.Generator().manual_seed(seed))
         else:
             image = v2.functional.center_crop(image, [self.image_size, self.image_size])
-        return image, self.targets[i]
+        return image, self.targets[i], i
 
 
 def random_shift_flip(image: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -286,7 +286,9 @@ class Batch:
     images: torch.Tensor
     """uint8 (N, 3, S, S)."""
     targets: torch.Tensor
-    """float64 (N,), target units."""
+    """float64 (N,), target units (NaN when unlabelled)."""
+    indices: torch.Tensor
+    """int64 (N,): each image's index in the dataset."""
     skipped: list[str]
     """Error messages of the images in this batch that could not be decoded."""
 
@@ -296,14 +298,15 @@ class Batch:
         return self
 
 
-def collate(items: list[tuple[torch.Tensor, float] | str]) -> Batch:
+def collate(items: list[tuple[torch.Tensor, float, int] | str]) -> Batch:
     good = [item for item in items if not isinstance(item, str)]
     skipped = [item for item in items if isinstance(item, str)]
     if not good:
-        return Batch(torch.empty(0, 3, 1, 1, dtype=torch.uint8), torch.empty(0, dtype=torch.float64), skipped)
+        return Batch(torch.empty(0, 3, 1, 1, dtype=torch.uint8), torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.int64), skipped)
     images = torch.stack([g[0] for g in good])
     targets = torch.tensor([g[1] for g in good], dtype=torch.float64)
-    return Batch(images, targets, skipped)
+    indices = torch.tensor([g[2] for g in good], dtype=torch.int64)
+    return Batch(images, targets, indices, skipped)
 
 
 def resolve_num_workers(setting: int | str) -> int:

@@ -37,24 +37,31 @@ class Predictor:
         model.to(runtime.device).eval()
         return cls(model, scaler, sigma_scale), ckpt
 
-    def mixture(self, outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], calibrated: bool = True) -> Mixture:
-        m = self.scaler.to_mixture(*outputs)
+    def mixture(self, outputs: Outputs, calibrated: bool = True) -> Mixture:
+        m = self.scaler.to_mixture(*outputs.heads)
         return m.scaled(self.sigma_scale) if calibrated and self.sigma_scale != 1.0 else m
 
 
+@dataclass
+class Outputs:
+    """Head outputs for every image that decoded, in loader order, on the CPU."""
+
+    heads: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    """(logits, means, stds), each (N, K) float32, standardised target space."""
+    targets: torch.Tensor
+    """(N,) float64, target units."""
+    indices: torch.Tensor
+    """(N,) int64: dataset index of each row."""
+
+
 @torch.inference_mode()
-def run_model(
-    model: torch.nn.Module,
-    batches: Iterable[Batch],
-    runtime: Runtime,
-    on_skip: Callable[[str], None],
-) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Head outputs (logits, means, stds), each (N, K) float32 on CPU, and targets (N,) float64
-    for every image that decoded; `on_skip(message)` is called for each one that did not."""
+def run_model(model: torch.nn.Module, batches: Iterable[Batch], runtime: Runtime, on_skip: Callable[[str], None]) -> Outputs:
+    """Run `model` over `batches` in eval mode; `on_skip(message)` for each image that did not decode."""
     was_training = model.training
     model.eval()
-    outs: list[tuple[torch.Tensor, ...]] = []
+    heads: list[tuple[torch.Tensor, ...]] = []
     targets: list[torch.Tensor] = []
+    indices: list[torch.Tensor] = []
     try:
         for batch in batches:
             for message in batch.skipped:
@@ -63,11 +70,13 @@ def run_model(
                 continue
             with runtime.autocast():
                 out = model(batch.images.to(runtime.device, non_blocking=True))
-            outs.append(tuple(o.float().cpu() for o in out))
+            heads.append(tuple(o.float().cpu() for o in out))
             targets.append(batch.targets)
+            indices.append(batch.indices)
     finally:
         model.train(was_training)
-    if not outs:
-        empty = torch.empty(0, 0)
-        return (empty, empty, empty), torch.empty(0, dtype=torch.float64)
-    return tuple(torch.cat(parts) for parts in zip(*outs)), torch.cat(targets)  # type: ignore[return-value]
+    if not heads:
+        k = model.head.components
+        empty = torch.empty(0, k)
+        return Outputs((empty, empty, empty), torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.int64))
+    return Outputs(tuple(torch.cat(p) for p in zip(*heads)), torch.cat(targets), torch.cat(indices))  # type: ignore[arg-type]

@@ -8,10 +8,10 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +20,6 @@ import torch
 from filelock import FileLock, Timeout
 from tqdm import tqdm
 
-from . import metrics
 from .backbones import get_backbone
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, to_yaml
@@ -36,14 +35,14 @@ from .data import (
     write_splits,
 )
 from .errors import DataError, RunError, TrainingError
-from .inference import Predictor, run_model
+from .inference import run_model
 from . import mixture as mx
 from .mixture import mixture_nll
 from .model import MDNRegressor, ModelArgs
 from .runtime import Runtime, select_runtime
 from .targets import TargetScaler
 
-RUN_FILES = ("config.yaml", "splits.csv", "metrics.csv", "last.pt", "best.pt", "test_metrics.json", "skipped.txt")
+RUN_FILES = ("config.yaml", "splits.csv", "metrics.csv", "last.pt", "best.pt", "eval", "skipped.txt")
 HISTORY_COLUMNS = ("epoch", "train_nll", "val_nll", "val_mae", "lr", "images_per_s", "seconds")
 # A run gives up when this many consecutive steps had a non-finite loss.
 MAX_BAD_STEPS = 20
@@ -86,6 +85,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, log: Ca
 
 
 def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log: Callable[[str], None]) -> Path:
+    cfg.data.root = str(Path(cfg.data.root).resolve())  # the checkpoint must find its data from anywhere
     _prepare_run_dir(run_dir, cfg, resume, overwrite)
     runtime = select_runtime(cfg.run.device, cfg.train.precision)
     _seed_everything(cfg.run.seed)
@@ -177,8 +177,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log: Calla
             model, train_loader, optimizer, scheduler, grad_scaler, scaler, runtime, cfg, epoch, on_skip
         )
         seconds = time.perf_counter() - started
-        outputs, val_y = run_model(model, val_loader, runtime, on_skip)
-        val_mixture = scaler.to_mixture(*outputs)
+        val_out = run_model(model, val_loader, runtime, on_skip)
+        val_mixture, val_y = scaler.to_mixture(*val_out.heads), val_out.targets
         val = {"nll": float(-mx.log_prob(val_mixture, val_y).mean()), "mae": float((mx.mean(val_mixture) - val_y).abs().mean())}
         row = {
             "epoch": epoch + 1,
@@ -219,14 +219,12 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log: Calla
 
     best_path = run_dir / "best.pt"
     if by_split["test"]:
-        predictor, _ = Predictor.from_checkpoint(best_path, runtime)
-        outputs, test_y = run_model(predictor.model, make_loader(dataset("test", False), cfg.train.batch_size, num_workers), runtime, on_skip)
-        test = metrics.score(predictor.mixture(outputs), test_y)
-        (run_dir / "test_metrics.json").write_text(json.dumps(test, indent=2) + "\n", encoding="utf-8")
-        log(
-            f"test ({test['n']} images): NLL {test['nll']:.4f}  CRPS {test['crps']:.4g}  MAE {test['mae_mean']:.4g}  "
-            f"68% coverage {test['coverage_68']:.3f}  95% coverage {test['coverage_95']:.3f}"
+        from .evaluate import evaluate, format_metrics  # the same code as `mdn evaluate`
+
+        evaluation, out, described = evaluate(
+            best_path, device=cfg.run.device, num_workers=num_workers, on_skip=lambda message: log(f"skipped: {message}")
         )
+        log(f"test metrics of the best checkpoint ({described}; written to {out}):\n{format_metrics(evaluation.metrics)}")
     log(f"best checkpoint (val NLL {best_val:.4f}): {best_path}")
     return run_dir
 
@@ -337,7 +335,8 @@ def _prepare_run_dir(run_dir: Path, cfg: Config, resume: bool, overwrite: bool) 
                 "replace it with --overwrite, or set run.name"
             )
         for name in existing:
-            (run_dir / name).unlink()
+            path = run_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 RESUMABLE_CHANGES = {"train.epochs", "train.early_stopping_patience", "data.num_workers", "run.device"}
