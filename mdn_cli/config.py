@@ -112,6 +112,12 @@ class TrainConfig(_Section):
     """auto: bf16 on CUDA where supported, else fp16; fp32 on CPU and MPS."""
     early_stopping_patience: int | None = Field(5, ge=1)
     """Stop after this many epochs without a better val NLL (null disables)."""
+    unfreeze_after: int | None = Field(None, ge=0)
+    """Train the head alone (on cached backbone features) for this many epochs, then the whole network."""
+    backbone_lr_scale: float = Field(1.0, gt=0.0, le=1.0)
+    """The backbone's learning rate is lr times this (pretrained weights want a gentler update)."""
+    calibration: Literal["none", "scale"] = "scale"
+    """After training, fit one factor on all component stds of best.pt by val NLL (undoes overconfidence)."""
 
 
 class Config(_Section):

@@ -76,7 +76,6 @@ def run_model(model: torch.nn.Module, batches: Iterable[Batch], runtime: Runtime
     finally:
         model.train(was_training)
     if not heads:
-        k = model.head.components
-        empty = torch.empty(0, k)
+        empty = torch.empty(0, 0)
         return Outputs((empty, empty, empty), torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.int64))
     return Outputs(tuple(torch.cat(p) for p in zip(*heads)), torch.cat(targets), torch.cat(indices))  # type: ignore[arg-type]

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 from filelock import FileLock, Timeout
 from tqdm import tqdm
 
@@ -35,6 +36,8 @@ from .data import (
     write_splits,
 )
 from .errors import DataError, RunError, TrainingError
+from .calibration import fit_sigma_scale
+from .features import compute_features, feature_loader
 from .inference import run_model
 from . import mixture as mx
 from .mixture import mixture_nll
@@ -125,8 +128,6 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log: Calla
     )
     model = MDNRegressor(args, pretrained=False if resume else cfg.model.pretrained)
     model.head.init_spread(scaler.encode(train_targets))
-    if cfg.model.freeze_backbone:
-        model.backbone.requires_grad_(False)
     model.to(runtime.device)
     optimizer = _make_optimizer(model, cfg)
     steps_per_epoch = len(train_loader)
@@ -165,19 +166,37 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log: Calla
         if cfg.data.on_bad_image == "error":
             raise DataError(f"{message}; remove it from the labels file or set data.on_bad_image: skip")
         skipped.add(message)
+
+    def frozen(epoch: int) -> bool:
+        return cfg.model.freeze_backbone or (cfg.train.unfreeze_after is not None and epoch < cfg.train.unfreeze_after)
+
+    cache: dict[str, DataLoader] = {}  # feature loaders, built the first time the backbone is frozen
+
     bad_epochs = _epochs_since_best(history)
     for epoch in range(start_epoch, cfg.train.epochs):
         if cfg.train.early_stopping_patience and bad_epochs >= cfg.train.early_stopping_patience:
             log(f"early stopping: val NLL has not improved for {bad_epochs} epochs")
             break
         torch.manual_seed(cfg.run.seed * 1_000_003 + epoch)  # dropout: identical on resume
-        sampler.set_epoch(epoch)
         started = time.perf_counter()
+        if frozen(epoch):
+            if not cache:
+                log("computing backbone features once (the backbone is frozen)")
+                train_features = compute_features(model, make_loader(dataset("train", False), cfg.train.batch_size, num_workers), runtime, on_skip)
+                cache["sampler"] = SeededSampler(len(train_features), shuffle=True, seed=cfg.run.seed)
+                cache["train"] = feature_loader(train_features, cfg.train.batch_size, cache["sampler"], drop_last=True)
+                cache["val"] = feature_loader(compute_features(model, val_loader, runtime, on_skip), cfg.train.batch_size)
+            cache["sampler"].set_epoch(epoch)
+            forward, loaders = model.head, (cache["train"], cache["val"])
+        else:
+            sampler.set_epoch(epoch)
+            forward, loaders = model, (train_loader, val_loader)
+        _set_train_mode(model, frozen(epoch), cfg.train.batch_size)
         train_nll, seen = _train_one_epoch(
-            model, train_loader, optimizer, scheduler, grad_scaler, scaler, runtime, cfg, epoch, on_skip
+            forward, loaders[0], optimizer, scheduler, grad_scaler, scaler, runtime, cfg, epoch, on_skip
         )
         seconds = time.perf_counter() - started
-        val_out = run_model(model, val_loader, runtime, on_skip)
+        val_out = run_model(forward, loaders[1], runtime, on_skip)
         val_mixture, val_y = scaler.to_mixture(*val_out.heads), val_out.targets
         val = {"nll": float(-mx.log_prob(val_mixture, val_y).mean()), "mae": float((mx.mean(val_mixture) - val_y).abs().mean())}
         row = {
@@ -211,13 +230,24 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log: Calla
         _write_history(run_dir / "metrics.csv", history)
         log(
             f"epoch {epoch + 1:>3}/{cfg.train.epochs}  train NLL {train_nll:8.4f}  val NLL {val['nll']:8.4f}  "
-            f"val MAE {val['mae']:.4g}  lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s{'  *best' if improved else ''}"
+            f"val MAE {val['mae']:.4g}  lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s"
+            f"{'  (head only)' if frozen(epoch) else ''}{'  *best' if improved else ''}"
         )
     if skipped:
         (run_dir / "skipped.txt").write_text("\n".join(sorted(skipped)) + "\n", encoding="utf-8")
         log(f"skipped {len(skipped)} unreadable images (listed in {run_dir / 'skipped.txt'})")
 
     best_path = run_dir / "best.pt"
+    if cfg.train.calibration == "scale":
+        best = load_checkpoint(best_path)
+        model.load_state_dict(best["model"])
+        val_out = run_model(model, val_loader, runtime, on_skip)
+        fit = fit_sigma_scale(scaler.to_mixture(*val_out.heads), val_out.targets)
+        save_checkpoint({**best, "calibration": {"sigma_scale": fit.scale}}, best_path)
+        log(
+            f"calibration on {len(val_out.targets)} val images: component stds x {fit.scale:.3f}, "
+            f"val NLL {fit.nll_before:.4f} -> {fit.nll_after:.4f}"
+        )
     if by_split["test"]:
         from .evaluate import evaluate, format_metrics  # the same code as `mdn evaluate`
 
@@ -230,8 +260,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log: Calla
 
 
 def _train_one_epoch(model, loader, optimizer, scheduler, grad_scaler, scaler, runtime: Runtime, cfg: Config, epoch, on_skip):
-    """One pass over the train split; returns (mean train NLL in target units, images seen)."""
-    model.train()
+    """One pass over the train split; returns (mean train NLL in target units, images seen).
+    `model` maps a batch's inputs (images, or cached features) to head outputs."""
     total_nll, seen, bad_steps = 0.0, 0, 0
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, dynamic_ncols=True, unit="batch")
     for batch in bar:
@@ -274,14 +304,32 @@ def _train_one_epoch(model, loader, optimizer, scheduler, grad_scaler, scaler, r
 
 
 def _make_optimizer(model: MDNRegressor, cfg: Config) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)  # no decay on biases and norm scales
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.train.lr,
-    )
+    """AdamW over every parameter (a frozen one simply gets no gradient), with no weight decay on
+    biases and norm scales, and the backbone at lr * backbone_lr_scale."""
+    groups = []
+    for part, lr in ((model.backbone, cfg.train.lr * cfg.train.backbone_lr_scale), (model.head, cfg.train.lr)):
+        params = list(part.parameters())
+        groups.append({"params": [p for p in params if p.ndim > 1], "lr": lr, "weight_decay": cfg.train.weight_decay})
+        groups.append({"params": [p for p in params if p.ndim <= 1], "lr": lr, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=cfg.train.lr)
+
+
+# Below this batch size, BatchNorm statistics of one batch are too noisy to update running stats.
+MIN_BATCHNORM_BATCH = 16
+
+
+def _set_train_mode(model: MDNRegressor, frozen: bool, batch_size: int) -> None:
+    """Head in train mode; a frozen backbone entirely in eval mode (its BatchNorm statistics stay
+    those it was pretrained with); with small batches, BatchNorm layers use their running
+    statistics while their scales and shifts still train."""
+    model.train()
+    model.backbone.requires_grad_(not frozen)
+    if frozen:
+        model.backbone.eval()
+    elif batch_size < MIN_BATCHNORM_BATCH:
+        for module in model.backbone.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 def _warmup_cosine(optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -33,7 +33,10 @@ def test_train_writes_the_run_folder_and_resumes(tiny_config, tmp_path):
     assert result.exit_code == 0, result.output
     run = tmp_path / "runs" / "tiny"
     assert {p.name for p in run.iterdir()} == {
-        ".lock", "config.yaml", "splits.csv", "metrics.csv", "last.pt", "best.pt", "test_metrics.json"
+        ".lock", "config.yaml", "splits.csv", "metrics.csv", "last.pt", "best.pt", "eval"
+    }
+    assert {p.name for p in (run / "eval").iterdir()} == {
+        "metrics.json", "predictions.csv", "reliability.png", "pit_histogram.png", "predicted_vs_true.png"
     }
     out = result.output
     assert "epoch   1/2" in out and "epoch   2/2" in out
@@ -64,8 +67,9 @@ def test_train_writes_the_run_folder_and_resumes(tiny_config, tmp_path):
     last = torch.load(run / "last.pt", weights_only=True)
     assert last["epoch"] == 2 and {"optimizer", "scheduler", "history", "best_val_nll"} <= set(last)
 
-    test_metrics = json.loads((run / "test_metrics.json").read_text())
-    assert test_metrics["n"] == 12 and test_metrics["nll"] == pytest.approx(test_metrics["nll"])
+    test_metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert test_metrics["n"] == 12 and "test metrics of the best checkpoint" in out
+    assert "oracle" in test_metrics  # the toy data's truth.csv is found
 
     # a second start into the same folder refuses, naming the ways out
     again = mdn("train", tiny_config)

@@ -1,0 +1,54 @@
+"""Backbone feature cache: while the backbone is frozen, compute each image's features once
+(deterministic eval crop) and train the head on them; many times faster than images."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .data import make_loader
+from .model import MDNRegressor
+from .runtime import Runtime
+
+
+class FeatureDataset(Dataset):
+    """(features (D,), target, index) items; accepts the `(index, seed)` keys of SeededSampler."""
+
+    def __init__(self, features: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor):
+        self.features, self.targets, self.indices = features, targets, indices
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, float, int]:
+        i = key[0] if isinstance(key, tuple) else key
+        return self.features[i], float(self.targets[i]), int(self.indices[i])
+
+
+@torch.inference_mode()
+def compute_features(model: MDNRegressor, loader: DataLoader, runtime: Runtime, on_skip: Callable[[str], None]) -> FeatureDataset:
+    """Backbone features (N, D) float32 on CPU for every image of `loader` that decodes."""
+    was_training = model.training
+    model.eval()
+    feats, targets, indices = [], [], []
+    try:
+        for batch in loader:
+            for message in batch.skipped:
+                on_skip(message)
+            if batch.images.shape[0] == 0:
+                continue
+            with runtime.autocast():
+                f = model.backbone(model.normalize(batch.images.to(runtime.device, non_blocking=True)))
+            feats.append(f.float().cpu())
+            targets.append(batch.targets)
+            indices.append(batch.indices)
+    finally:
+        model.train(was_training)
+    return FeatureDataset(torch.cat(feats), torch.cat(targets), torch.cat(indices))
+
+
+def feature_loader(dataset: FeatureDataset, batch_size: int, sampler=None, drop_last: bool = False) -> DataLoader:
+    return make_loader(dataset, batch_size, num_workers=0, sampler=sampler, drop_last=drop_last)
+
