@@ -69,11 +69,10 @@ def train(
     except MdnError as e:
         raise fail(str(e), e.exit_code) from None
     except KeyboardInterrupt:
-        where = Path(cfg.run.out_dir) / cfg.run.name / "last.pt"
-        extra = " ".join(f"--set {s}" for s in set_ or [])
+        extra = "".join(f" --set {s}" for s in set_ or [])
         raise fail(
-            f"interrupted; {where} holds the last completed epoch. Continue with: "
-            f"mdn train {config} {extra + ' ' if extra else ''}--resume",
+            f"interrupted; last.pt in the run folder holds the last completed epoch. "
+            f"Continue with: mdn train {config}{extra} --resume",
             EXIT_INTERRUPTED,
         ) from None
 
@@ -99,7 +98,13 @@ def predict(
     if format not in FORMATS:
         raise fail(f"--format must be one of {', '.join(FORMATS)} (got {format!r})")
     try:
-        from .predict import collect_images, find_latest_checkpoint, format_predictions, predict_images, write_output
+        from .predict import (
+            collect_images,
+            find_latest_checkpoint,
+            format_predictions,
+            predict_images,
+            write_output,
+        )
 
         if checkpoint is None:
             checkpoint = find_latest_checkpoint()

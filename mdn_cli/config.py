@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 
@@ -64,6 +71,10 @@ class DataConfig(_Section):
     """What to do with an image that cannot be decoded: stop, or skip it (listed in skipped.txt)."""
     augment: bool = True
     """Train-time flips and small shifts (never a transform that would change the label)."""
+    cache: Literal["none", "memory", "disk"] = "none"
+    """Keep decoded, resized images across epochs: in shared memory, or on disk across runs."""
+    cache_dir: str | None = None
+    """Folder of the disk cache (default: ~/.cache/mdn-cli/decoded)."""
     num_workers: int | Literal["auto"] = "auto"
     """DataLoader worker processes; auto picks from the CPU cores available."""
 

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import csv
 import difflib
+import hashlib
 import math
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
 
 from .errors import DataError
 from .images import UnreadableImageError, load_rgb
@@ -195,19 +196,27 @@ def write_splits(path: Path, examples: list[Example], splits: list[str]) -> None
 
 
 class ImageRegressionDataset(Dataset):
-    """(uint8 image (3, S, S), target) pairs. A file that cannot be decoded yields its error
-    message instead, so the main process decides whether to stop or skip (workers cannot).
+    """(uint8 image (3, S, S), target, index) items. A file that cannot be decoded yields its
+    error message instead, so the main process decides whether to stop or skip (workers cannot).
 
-    Indexed by `i` (deterministic centre crop) or by `(i, seed)` from `SeededSampler`: the
+    Indexed by `i` (the plain centre square) or by `(i, seed)` from `SeededSampler`: the
     augmentation of a sample then depends only on that seed, not on worker count or history,
     which makes a resumed run see exactly the images an uninterrupted one would.
     """
 
-    def __init__(self, paths: list[Path], targets: list[float], image_size: int, augment: bool = False):
+    def __init__(
+        self,
+        paths: list[Path],
+        targets: list[float],
+        image_size: int,
+        augment: bool = False,
+        cache: DecodedCache | None = None,
+    ):
         self.paths = paths
         self.targets = targets
         self.image_size = image_size
         self.augment = augment
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -215,13 +224,14 @@ class ImageRegressionDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, float, int] | str:
         i, seed = key if isinstance(key, tuple) else (key, None)
         try:
-            image = decode_resized(self.paths[i], self.image_size)
+            if self.cache is not None:
+                image = self.cache.get(i, self.paths[i], self.image_size)
+            else:
+                image = decode_square(self.paths[i], self.image_size)
         except UnreadableImageError as e:
             return str(e)
         if self.augment and seed is not None:
             image = random_shift_flip(image, self.image_size, torch.Generator().manual_seed(seed))
-        else:
-            image = v2.functional.center_crop(image, [self.image_size, self.image_size])
         return image, self.targets[i], i
 
 
@@ -270,15 +280,83 @@ class SeededSampler(torch.utils.data.Sampler):
             yield i, seeds[i]
 
 
-def decode_resized(path: Path, size: int) -> torch.Tensor:
-    """Decode an image and resize it so its shorter side is `size`: uint8 (3, H, W)."""
-    image = load_rgb(path)
+def decode_square(path: Path, size: int) -> torch.Tensor:
+    """Decode an image, resize its shorter side to `size` and take the centre square: uint8 (3, S, S).
+    This is all the per-image work that does not change between epochs (what the caches keep)."""
+    image = load_rgb(path, draft_size=size)
     w, h = image.size
     scale = size / min(w, h)
-    if scale != 1.0:
-        new = (max(size, round(w * scale)), max(size, round(h * scale)))
-        image = image.resize(new, Image.BILINEAR, reducing_gap=3.0)
-    return v2.functional.pil_to_tensor(image)
+    new = (max(size, round(w * scale)), max(size, round(h * scale)))
+    left, top = (new[0] - size) // 2, (new[1] - size) // 2
+    if new != (w, h):
+        # resize straight to the crop box: one resampling pass, and only over the pixels kept
+        box = (left / scale, top / scale, (left + size) / scale, (top + size) / scale)
+        image = image.resize((size, size), Image.BILINEAR, box=box, reducing_gap=3.0)
+    else:
+        image = image.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
+
+
+def cache_directory(setting: str | None) -> Path:
+    if setting:
+        return Path(setting).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mdn-cli" / "decoded"
+
+
+class DecodedCache:
+    """Decoded, resized images kept across epochs (`data.cache`), so later epochs skip decoding.
+
+    memory: one shared uint8 tensor (N, 3, S, S) that DataLoader workers fill in place.
+    disk:   one raw file per image under `directory`, named by a hash of the file's path, size
+            and mtime and the resize settings: survives restarts, rebuilt when a file changes.
+    """
+
+    VERSION = 1  # bump when decode_square changes
+
+    def __init__(self, mode: str, n: int, size: int, directory: Path | None = None):
+        self.mode, self.size = mode, size
+        if mode == "memory":
+            self.images = torch.zeros((n, 3, size, size), dtype=torch.uint8).share_memory_()
+            self.filled = torch.zeros(n, dtype=torch.bool).share_memory_()
+        elif mode == "disk":
+            if directory is None:
+                raise ValueError("a disk cache needs a directory")
+            self.directory = Path(directory)
+            self.directory.mkdir(parents=True, exist_ok=True)
+        else:
+            raise ValueError(mode)
+
+    def get(self, i: int, path: Path, size: int) -> torch.Tensor:
+        if self.mode == "memory":
+            if not self.filled[i]:
+                self.images[i] = decode_square(path, size)
+                self.filled[i] = True
+            return self.images[i].clone()
+        return self._disk_get(path, size)
+
+    def _disk_get(self, path: Path, size: int) -> torch.Tensor:
+        try:
+            stat = path.stat()
+        except OSError:
+            return decode_square(path, size)  # raises the usual UnreadableImageError
+        key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{size}|v{self.VERSION}"
+        file = self.directory / f"{hashlib.sha1(key.encode()).hexdigest()}.u8"
+        nbytes = 3 * size * size
+        try:
+            data = file.read_bytes()
+            if len(data) == nbytes:
+                return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(3, size, size)
+        except OSError:
+            pass
+        image = decode_square(path, size)
+        tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_bytes(image.numpy().tobytes())
+            os.replace(tmp, file)
+        except OSError:  # a full or read-only cache folder only costs speed
+            tmp.unlink(missing_ok=True)
+        return image
 
 
 @dataclass

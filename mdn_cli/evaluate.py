@@ -17,7 +17,13 @@ import torch
 
 from . import metrics
 from . import mixture as mx
-from .data import Example, ImageRegressionDataset, make_loader, read_labels, resolve_num_workers
+from .data import (
+    Example,
+    ImageRegressionDataset,
+    make_loader,
+    read_labels,
+    resolve_num_workers,
+)
 from .errors import DataError
 from .inference import Predictor, run_model
 from .runtime import Runtime, select_runtime

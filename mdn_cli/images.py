@@ -20,12 +20,14 @@ class UnreadableImageError(DataError):
     """One image file cannot be decoded; the message names it."""
 
 
-def load_rgb(path: str | Path) -> Image.Image:
+def load_rgb(path: str | Path, draft_size: int | None = None) -> Image.Image:
     """Open an image file as an upright 8-bit RGB PIL image.
 
     Applies the EXIF orientation, flattens transparency onto white, maps 16-bit and float
     grayscale to 8 bits, converts CMYK/palette/grayscale to RGB. Raises UnreadableImageError
     (naming the file) for missing, empty, truncated, non-image or oversized files.
+    `draft_size`: let JPEG decode at a reduced scale whose shorter side stays >= this (much faster
+    for large photos that are resized down anyway).
     """
     path = Path(path)
     try:
@@ -38,6 +40,10 @@ def load_rgb(path: str | Path) -> Image.Image:
                         f"{path}: image is {width}x{height} pixels, above the {MAX_PIXELS // 1_000_000} Mpx "
                         "limit (a possible decompression bomb); resize it or remove it"
                     )
+                if draft_size is not None and im.format == "JPEG":
+                    scale = min(width, height) / draft_size
+                    if scale >= 2:
+                        im.draft("RGB", (round(width / scale), round(height / scale)))
                 im.load()
                 im = ImageOps.exif_transpose(im)
                 return _to_rgb(im)

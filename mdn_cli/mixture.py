@@ -272,7 +272,9 @@ def crps(m: Mixture, y: Tensor) -> Tensor:
 
     "none": closed form of Grimit et al. (2006), O(K^2).
     "log": no closed form for the cross terms of a log-normal mixture, so Gauss-Legendre
-    quadrature of (F(t) - 1{t >= y})^2 dt, accurate to ~1e-8 relative for log-space stds up to ~3.
+    quadrature of (F(t) - 1{t >= y})^2 dt over z = log t, on panels at most 4 stds of any component
+    wide; agrees with the K = 1 closed form (Baran & Lerch 2015) to ~1e-13 and with a 10x finer
+    grid to ~1e-10 relative for log-space stds 1e-4 to 5.
     """
     y = _target(m, y)
     if m.transform == "none":

@@ -1,8 +1,12 @@
 """`mdn train`: the training loop, top to bottom.
 
     labels -> splits -> loaders -> model + MDN head -> AdamW, warm-up + cosine
-    -> per epoch: train, validate (NLL in target units), last.pt, best.pt, metrics.csv
-    -> early stopping -> test metrics of best.pt
+    -> per epoch: train (head alone on cached features while the backbone is frozen),
+       validate (NLL in target units), last.pt, best.pt, metrics.csv
+    -> early stopping -> calibration of best.pt on val -> test metrics of best.pt
+
+Under torchrun every process runs this same loop on its share of each batch; rank 0 alone logs,
+shows progress and writes files (see distributed.py).
 """
 
 from __future__ import annotations
@@ -14,32 +18,35 @@ import random
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 from filelock import FileLock, Timeout
 from tqdm import tqdm
 
+from . import mixture as mx
 from .backbones import get_backbone
+from .calibration import fit_sigma_scale
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, to_yaml
 from .data import (
+    DecodedCache,
     Example,
     ImageRegressionDataset,
     SeededSampler,
     assign_splits,
+    cache_directory,
     check_split_sizes,
     make_loader,
     read_labels,
     resolve_num_workers,
     write_splits,
 )
-from .errors import DataError, RunError, TrainingError
-from .calibration import fit_sigma_scale
+from .distributed import Dist, init_distributed, shutdown
+from .errors import ConfigError, DataError, RunError, TrainingError
 from .features import compute_features, feature_loader
 from .inference import run_model
-from . import mixture as mx
 from .mixture import mixture_nll
 from .model import MDNRegressor, ModelArgs
 from .runtime import Runtime, select_runtime
@@ -47,8 +54,10 @@ from .targets import TargetScaler
 
 RUN_FILES = ("config.yaml", "splits.csv", "metrics.csv", "last.pt", "best.pt", "eval", "skipped.txt")
 HISTORY_COLUMNS = ("epoch", "train_nll", "val_nll", "val_mae", "lr", "images_per_s", "seconds")
-# A run gives up when this many consecutive steps had a non-finite loss.
+# A run gives up when this many consecutive steps had a non-finite loss or gradient.
 MAX_BAD_STEPS = 20
+# Below this many images per process, one batch's BatchNorm statistics are too noisy to train with.
+MIN_BATCHNORM_BATCH = 16
 
 
 def labels_path(cfg: Config) -> Path:
@@ -72,32 +81,39 @@ def load_examples(cfg: Config) -> tuple[list[Example], list[str]]:
 
 def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, log: Callable[[str], None] = tqdm.write) -> Path:
     """Train a model as configured; returns the run folder."""
-    run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(run_dir / ".lock")
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise RunError(f"{run_dir}: another mdn process is training into this folder; wait for it or pick another run.name") from None
-    except OSError as e:
-        raise RunError(f"{run_dir}: cannot create the run folder ({e.strerror}); check run.out_dir") from None
-    try:
-        return _train(cfg, run_dir, resume, overwrite, log)
-    finally:
-        lock.release()
-
-
-def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log: Callable[[str], None]) -> Path:
-    cfg.data.root = str(Path(cfg.data.root).resolve())  # the checkpoint must find its data from anywhere
-    _prepare_run_dir(run_dir, cfg, resume, overwrite)
     runtime = select_runtime(cfg.run.device, cfg.train.precision)
+    ctx = init_distributed(runtime.device.type)
+    if ctx.enabled and runtime.device.type == "cuda":
+        runtime = replace(runtime, device=torch.device("cuda", ctx.local_rank))
+    if not ctx.is_main:
+        log = _quiet
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    lock = None
+    try:
+        if ctx.is_main:
+            lock = _lock_run_dir(run_dir)
+            _prepare_run_dir(run_dir, cfg, resume, overwrite)
+        ctx.barrier()
+        return _train(cfg, run_dir, runtime, ctx, resume, log)
+    finally:
+        if lock is not None:
+            lock.release()
+        shutdown(ctx)
+
+
+def _train(cfg: Config, run_dir: Path, runtime: Runtime, ctx: Dist, resume: bool, log: Callable[[str], None]) -> Path:
+    cfg.data.root = str(Path(cfg.data.root).resolve())  # the checkpoint must find its data from anywhere
+    if cfg.train.batch_size % ctx.world_size:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the {ctx.world_size} processes")
+    batch_size = cfg.train.batch_size // ctx.world_size  # per process; the global batch is train.batch_size
     _seed_everything(cfg.run.seed)
 
     # --- data ---
     examples, splits = load_examples(cfg)
     check_split_sizes(splits, cfg.train.batch_size, labels_path(cfg))
-    write_splits(run_dir / "splits.csv", examples, splits)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+    if ctx.is_main:
+        write_splits(run_dir / "splits.csv", examples, splits)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
     by_split = {s: [e for e, sp in zip(examples, splits) if sp == s] for s in ("train", "val", "test")}
     train_targets = torch.tensor([e.target for e in by_split["train"]], dtype=torch.float64)
     scaler = TargetScaler.fit(train_targets, cfg.data.target_transform)
@@ -105,16 +121,20 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log: Calla
     spec = get_backbone(cfg.model.backbone)
     image_size = cfg.data.image_size or spec.image_size
     num_workers = resolve_num_workers(cfg.data.num_workers)
+    caches: dict[str, DecodedCache] = {}
 
-    def dataset(split: str, augment: bool) -> ImageRegressionDataset:
+    def dataset(split: str, augment: bool = False) -> ImageRegressionDataset:
         rows = by_split[split]
-        return ImageRegressionDataset([e.path for e in rows], [e.target for e in rows], image_size, augment)
+        if cfg.data.cache != "none" and split not in caches:
+            caches[split] = DecodedCache(cfg.data.cache, len(rows), image_size, cache_directory(cfg.data.cache_dir))
+        return ImageRegressionDataset([e.path for e in rows], [e.target for e in rows], image_size, augment, caches.get(split))
 
-    sampler = SeededSampler(len(by_split["train"]), shuffle=True, seed=cfg.run.seed)
+    sampler = SeededSampler(len(by_split["train"]), True, cfg.run.seed, ctx.rank, ctx.world_size)
     train_loader = make_loader(
-        dataset("train", cfg.data.augment), cfg.train.batch_size, num_workers, sampler, drop_last=True, pin_memory=runtime.pin_memory
+        dataset("train", cfg.data.augment), batch_size, num_workers, sampler, drop_last=True, pin_memory=runtime.pin_memory
     )
-    val_loader = make_loader(dataset("val", False), cfg.train.batch_size, num_workers, pin_memory=runtime.pin_memory)
+    val_shard = list(range(ctx.rank, len(by_split["val"]), ctx.world_size))
+    val_loader = make_loader(dataset("val"), batch_size, num_workers, val_shard, pin_memory=runtime.pin_memory)
 
     # --- model and optimiser ---
     args = ModelArgs(
@@ -129,6 +149,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log: Calla
     model = MDNRegressor(args, pretrained=False if resume else cfg.model.pretrained)
     model.head.init_spread(scaler.encode(train_targets))
     model.to(runtime.device)
+    ctx.broadcast_state(model)
     optimizer = _make_optimizer(model, cfg)
     steps_per_epoch = len(train_loader)
     scheduler = _warmup_cosine(optimizer, round(cfg.train.warmup_epochs * steps_per_epoch), cfg.train.epochs * steps_per_epoch)
@@ -145,7 +166,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log: Calla
         log(f"resuming {run_dir} after epoch {start_epoch}/{cfg.train.epochs} (best val NLL {best_val:.4f})")
     log(
         f"training {cfg.model.backbone} + {cfg.model.components}-component MDN on {runtime.device} "
-        f"({'fp32' if runtime.amp_dtype is None else str(runtime.amp_dtype).removeprefix('torch.')}): "
+        f"({'fp32' if runtime.amp_dtype is None else str(runtime.amp_dtype).removeprefix('torch.')}"
+        f"{f', {ctx.world_size} processes' if ctx.enabled else ''}): "
         f"{len(by_split['train'])} train / {len(by_split['val'])} val / {len(by_split['test'])} test images "
         f"at {image_size}px, {num_workers} loader workers"
     )
@@ -170,7 +192,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log: Calla
     def frozen(epoch: int) -> bool:
         return cfg.model.freeze_backbone or (cfg.train.unfreeze_after is not None and epoch < cfg.train.unfreeze_after)
 
-    cache: dict[str, DataLoader] = {}  # feature loaders, built the first time the backbone is frozen
+    cache: dict = {}  # loaders over backbone features, built the first time the backbone is frozen
 
     bad_epochs = _epochs_since_best(history)
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -182,23 +204,32 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log: Calla
         if frozen(epoch):
             if not cache:
                 log("computing backbone features once (the backbone is frozen)")
-                train_features = compute_features(model, make_loader(dataset("train", False), cfg.train.batch_size, num_workers), runtime, on_skip)
-                cache["sampler"] = SeededSampler(len(train_features), shuffle=True, seed=cfg.run.seed)
-                cache["train"] = feature_loader(train_features, cfg.train.batch_size, cache["sampler"], drop_last=True)
-                cache["val"] = feature_loader(compute_features(model, val_loader, runtime, on_skip), cfg.train.batch_size)
+                features = compute_features(model, make_loader(dataset("train"), batch_size, num_workers), runtime, on_skip)
+                cache["sampler"] = SeededSampler(len(features), True, cfg.run.seed, ctx.rank, ctx.world_size)
+                cache["train"] = feature_loader(features, batch_size, cache["sampler"], drop_last=True)
+                cache["val"] = feature_loader(compute_features(model, val_loader, runtime, on_skip), batch_size)
             cache["sampler"].set_epoch(epoch)
             forward, loaders = model.head, (cache["train"], cache["val"])
         else:
             sampler.set_epoch(epoch)
             forward, loaders = model, (train_loader, val_loader)
-        _set_train_mode(model, frozen(epoch), cfg.train.batch_size)
-        train_nll, seen = _train_one_epoch(
-            forward, loaders[0], optimizer, scheduler, grad_scaler, scaler, runtime, cfg, epoch, on_skip
+        _set_train_mode(model, frozen(epoch), batch_size)
+        train_nll, seen, bad_steps = _train_one_epoch(
+            forward, loaders[0], optimizer, scheduler, grad_scaler, scaler, runtime, ctx, cfg, epoch, on_skip
         )
         seconds = time.perf_counter() - started
+        ctx.broadcast_state(model)  # BatchNorm statistics: rank 0's, as DistributedDataParallel does
         val_out = run_model(forward, loaders[1], runtime, on_skip)
         val_mixture, val_y = scaler.to_mixture(*val_out.heads), val_out.targets
-        val = {"nll": float(-mx.log_prob(val_mixture, val_y).mean()), "mae": float((mx.mean(val_mixture) - val_y).abs().mean())}
+        nll_sum, abs_err_sum, n_val = ctx.sum(
+            [float(-mx.log_prob(val_mixture, val_y).sum()), float((mx.mean(val_mixture) - val_y).abs().sum()), len(val_y)]
+        )
+        val = {"nll": nll_sum / n_val, "mae": abs_err_sum / n_val}
+        if not math.isfinite(val["nll"]):
+            raise TrainingError(
+                f"epoch {epoch + 1}: the validation NLL is {val['nll']} (diverged); nothing of this epoch was saved, "
+                f"{run_dir / 'last.pt'} and best.pt are intact. Lower train.lr or check the labels"
+            )
         row = {
             "epoch": epoch + 1,
             "train_nll": train_nll,
@@ -213,26 +244,27 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log: Calla
         if improved:
             best_val = val["nll"]
         bad_epochs = 0 if improved else bad_epochs + 1
-        state = checkpoint(epoch + 1)
-        if improved:
-            save_checkpoint(state, run_dir / "best.pt")
-        save_checkpoint(
-            {
-                **state,
+        if ctx.is_main:
+            state = checkpoint(epoch + 1)
+            if improved:
+                save_checkpoint(state, run_dir / "best.pt")
+            training_state = {
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "grad_scaler": grad_scaler.state_dict(),
                 "history": history,
                 "best_val_nll": best_val,
-            },
-            run_dir / "last.pt",
-        )
-        _write_history(run_dir / "metrics.csv", history)
+            }
+            save_checkpoint({**state, **training_state}, run_dir / "last.pt")
+            _write_history(run_dir / "metrics.csv", history)
         log(
             f"epoch {epoch + 1:>3}/{cfg.train.epochs}  train NLL {train_nll:8.4f}  val NLL {val['nll']:8.4f}  "
             f"val MAE {val['mae']:.4g}  lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s"
-            f"{'  (head only)' if frozen(epoch) else ''}{'  *best' if improved else ''}"
+            f"{'  (head only)' if frozen(epoch) else ''}{f'  ({bad_steps} NaN steps skipped)' if bad_steps else ''}"
+            f"{'  *best' if improved else ''}"
         )
+    if not ctx.is_main:
+        return run_dir
     if skipped:
         (run_dir / "skipped.txt").write_text("\n".join(sorted(skipped)) + "\n", encoding="utf-8")
         log(f"skipped {len(skipped)} unreadable images (listed in {run_dir / 'skipped.txt'})")
@@ -241,7 +273,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log: Calla
     if cfg.train.calibration == "scale":
         best = load_checkpoint(best_path)
         model.load_state_dict(best["model"])
-        val_out = run_model(model, val_loader, runtime, on_skip)
+        val_out = run_model(model, make_loader(dataset("val"), batch_size, num_workers), runtime, on_skip)
         fit = fit_sigma_scale(scaler.to_mixture(*val_out.heads), val_out.targets)
         save_checkpoint({**best, "calibration": {"sigma_scale": fit.scale}}, best_path)
         log(
@@ -249,26 +281,33 @@ def _train(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, log: Calla
             f"val NLL {fit.nll_before:.4f} -> {fit.nll_after:.4f}"
         )
     if by_split["test"]:
-        from .evaluate import evaluate, format_metrics  # the same code as `mdn evaluate`
+        from .evaluate import (  # the same code as `mdn evaluate`
+            evaluate,
+            format_metrics,
+        )
 
         evaluation, out, described = evaluate(
-            best_path, device=cfg.run.device, num_workers=num_workers, on_skip=lambda message: log(f"skipped: {message}")
+            best_path, device=str(runtime.device), num_workers=num_workers, on_skip=lambda message: log(f"skipped: {message}")
         )
         log(f"test metrics of the best checkpoint ({described}; written to {out}):\n{format_metrics(evaluation.metrics)}")
     log(f"best checkpoint (val NLL {best_val:.4f}): {best_path}")
     return run_dir
 
 
-def _train_one_epoch(model, loader, optimizer, scheduler, grad_scaler, scaler, runtime: Runtime, cfg: Config, epoch, on_skip):
-    """One pass over the train split; returns (mean train NLL in target units, images seen).
-    `model` maps a batch's inputs (images, or cached features) to head outputs."""
-    total_nll, seen, bad_steps = 0.0, 0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, dynamic_ncols=True, unit="batch")
+def _train_one_epoch(
+    model, loader, optimizer, scheduler, grad_scaler, scaler, runtime: Runtime, ctx: Dist, cfg: Config, epoch, on_skip
+):
+    """One pass over the train split; `model` maps a batch's inputs (images, or cached features)
+    to head outputs. Returns (mean train NLL in target units over all processes, images seen by
+    all processes, steps skipped because the loss or the gradient was NaN/infinite)."""
+    total_nll, seen, bad_in_a_row, bad_steps = 0.0, 0, 0, 0
+    params = [p for p in model.parameters() if p.requires_grad]
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False, dynamic_ncols=True, unit="batch", disable=not ctx.is_main)
     for batch in bar:
         for message in batch.skipped:
             on_skip(message)
         n = batch.images.shape[0]
-        if n < 2:  # BatchNorm needs 2+ images; only happens when a batch lost images to skips
+        if not ctx.all_true(n >= 2):  # BatchNorm needs 2+ images; a batch can lose images to skips
             continue
         images = batch.images.to(runtime.device, non_blocking=True)
         y = batch.targets.to(runtime.device, non_blocking=True)
@@ -276,20 +315,26 @@ def _train_one_epoch(model, loader, optimizer, scheduler, grad_scaler, scaler, r
             logits, means, stds = model(images)
         loss = mixture_nll(logits.float(), means.float(), stds.float(), scaler.encode(y).float()).mean()
         optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
+        finite = ctx.all_true(bool(torch.isfinite(loss)))
+        if finite:
+            grad_scaler.scale(loss).backward()
+            ctx.average_gradients(params)
+            grad_scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or math.inf)
+            # fp16's grad scaler skips steps with inf gradients itself (and lowers its scale)
+            finite = runtime.needs_grad_scaler or bool(torch.isfinite(norm))
+        if not finite:
             bad_steps += 1
-            if bad_steps >= MAX_BAD_STEPS:
+            bad_in_a_row += 1
+            if bad_in_a_row >= MAX_BAD_STEPS:
                 raise TrainingError(
-                    f"the loss was NaN or infinite in {bad_steps} consecutive steps; lower train.lr, "
-                    "check the labels for extreme values, or use train.precision: fp32. Checkpoints so far are intact"
+                    f"the loss or its gradient was NaN or infinite in {bad_in_a_row} consecutive steps; lower train.lr, "
+                    "check the labels for extreme values, or use train.precision: fp32. The checkpoints written so far are intact"
                 )
+            optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             continue
-        bad_steps = 0
-        grad_scaler.scale(loss).backward()
-        if cfg.train.grad_clip:
-            grad_scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        bad_in_a_row = 0
         grad_scaler.step(optimizer)
         grad_scaler.update()
         scheduler.step()
@@ -300,7 +345,24 @@ def _train_one_epoch(model, loader, optimizer, scheduler, grad_scaler, scaler, r
         total_nll += nll * n
         seen += n
         bar.set_postfix(nll=f"{total_nll / seen:.4f}")
-    return (total_nll / seen if seen else math.nan), seen
+    total_nll, seen = ctx.sum([total_nll, seen])
+    return (total_nll / seen if seen else math.nan), int(seen), bad_steps
+
+
+def _quiet(message: str) -> None:
+    """The log of every process but rank 0."""
+
+
+def _lock_run_dir(run_dir: Path) -> FileLock:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(run_dir / ".lock")
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RunError(f"{run_dir}: another mdn process is training into this folder; wait for it or pick another run.name") from None
+    except OSError as e:
+        raise RunError(f"{run_dir}: cannot create the run folder ({e.strerror}); check run.out_dir") from None
+    return lock
 
 
 def _make_optimizer(model: MDNRegressor, cfg: Config) -> torch.optim.Optimizer:
@@ -312,10 +374,6 @@ def _make_optimizer(model: MDNRegressor, cfg: Config) -> torch.optim.Optimizer:
         groups.append({"params": [p for p in params if p.ndim > 1], "lr": lr, "weight_decay": cfg.train.weight_decay})
         groups.append({"params": [p for p in params if p.ndim <= 1], "lr": lr, "weight_decay": 0.0})
     return torch.optim.AdamW(groups, lr=cfg.train.lr)
-
-
-# Below this batch size, BatchNorm statistics of one batch are too noisy to update running stats.
-MIN_BATCHNORM_BATCH = 16
 
 
 def _set_train_mode(model: MDNRegressor, frozen: bool, batch_size: int) -> None:

@@ -61,8 +61,9 @@ def test_missing_or_garbage_weight_files(tmp_path, content):
 
 
 def test_offline_download_names_the_ways_out(monkeypatch):
-    import torchvision
     import urllib.error
+
+    import torchvision
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -10,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import write_config
 from typer.testing import CliRunner
 
 from mdn_cli.checkpoint import FORMAT_VERSION
 from mdn_cli.cli import app
-from conftest import write_config
 
 runner = CliRunner()
 
@@ -41,7 +42,7 @@ def test_train_writes_the_run_folder_and_resumes(tiny_config, tmp_path):
     out = result.output
     assert "epoch   1/2" in out and "epoch   2/2" in out
     assert "val NLL" in out and "val MAE" in out and "img/s" in out and "lr " in out
-    assert f"best checkpoint (val NLL" in out and str(run / "best.pt") in out
+    assert "best checkpoint (val NLL" in out and str(run / "best.pt") in out
 
     # resolved config, with every default filled in
     resolved = yaml.safe_load((run / "config.yaml").read_text())
@@ -111,6 +112,24 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, toy_
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
     assert [r["val_nll"] for r in b["history"]] == pytest.approx([r["val_nll"] for r in a["history"]], rel=1e-4)
+
+
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, toy_data):
+    config = write_config(tmp_path / "c.yaml", toy_data, tmp_path / "runs", train={"epochs": 50, "batch_size": 8})
+    run = tmp_path / "runs" / "tiny"
+    proc = subprocess.Popen([sys.executable, "-m", "mdn_cli", "train", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (run / "metrics.csv").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and f"mdn train {config} --resume" in err and "Traceback" not in err
+    epoch = torch.load(run / "last.pt", weights_only=True)["epoch"]
+    assert epoch >= 1
+    result = mdn("train", config, "--resume", "--set", f"train.epochs={epoch + 1}")
+    assert result.exit_code == 0, result.output
+    assert "resuming" in result.output
 
 
 def test_resume_refuses_a_changed_config(tiny_config):
