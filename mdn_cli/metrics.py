@@ -21,8 +21,7 @@ def score(m: mx.Mixture, y: torch.Tensor) -> dict[str, float]:
     with the Jacobian of the target transform included (a density over y, not over log y)."""
     y = y.double()
     mean, median = mx.mean(m), mx.median(m)
-    lo68, hi68 = mx.interval(m, 0.6827)
-    lo95, hi95 = mx.interval(m, 0.95)
+    lo68, hi68, lo95, hi95 = mx.quantile(m, [*mx.P68, *mx.P95]).unbind(-1)
     pit = mx.cdf(m, y)
     observed = central_coverage(pit)
     return {
