@@ -121,14 +121,17 @@ class TrainConfig(_Section):
     """Max global gradient norm (null disables clipping)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 on CUDA where supported, else fp16; fp32 on CPU and MPS."""
+    compile: bool = False
+    """torch.compile the model (worth it on GPUs for long runs); falls back to eager with a warning."""
     early_stopping_patience: int | None = Field(5, ge=1)
     """Stop after this many epochs without a better val NLL (null disables)."""
     unfreeze_after: int | None = Field(None, ge=0)
     """Train the head alone (on cached backbone features) for this many epochs, then the whole network."""
     backbone_lr_scale: float = Field(1.0, gt=0.0, le=1.0)
     """The backbone's learning rate is lr times this (pretrained weights want a gentler update)."""
-    calibration: Literal["none", "scale"] = "scale"
-    """After training, fit one factor on all component stds of best.pt by val NLL (undoes overconfidence)."""
+    calibration: Literal["none", "scale", "conformal"] = "scale"
+    """After training, on the val split: scale = one factor on all component stds by NLL; conformal =
+    that plus split-conformal 68%/95% intervals (guaranteed coverage); none = off."""
 
 
 class Config(_Section):

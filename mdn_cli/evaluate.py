@@ -17,6 +17,7 @@ import torch
 
 from . import metrics
 from . import mixture as mx
+from .calibration import NOMINAL_PROBS
 from .data import (
     Example,
     ImageRegressionDataset,
@@ -38,6 +39,8 @@ class Evaluation:
     examples: list[Example]
     """The scored examples (images that decoded), in order."""
     mixture: mx.Mixture
+    interval_probs: tuple[float, float, float, float] = NOMINAL_PROBS
+    """CDF levels of the 68% and 95% interval ends (moved by conformal calibration)."""
 
 
 def examples_for(
@@ -85,8 +88,8 @@ def score_examples(
         raise DataError("no image could be read, nothing to score")
     kept = [examples[i] for i in outputs.indices.tolist()]
     m = predictor.mixture(outputs)
-    result = metrics.score(m, outputs.targets)
-    if predictor.sigma_scale != 1.0:
+    result = metrics.score(m, outputs.targets, predictor.interval_probs)
+    if predictor.sigma_scale != 1.0 or predictor.interval_probs != NOMINAL_PROBS:
         result["uncalibrated"] = metrics.score(predictor.mixture(outputs, calibrated=False), outputs.targets)
     oracle = oracle_mixture(kept, root)
     if oracle is not None:
@@ -94,7 +97,7 @@ def score_examples(
             "nll": float(-mx.log_prob(oracle, outputs.targets).mean()),
             "crps": float(mx.crps(oracle, outputs.targets).mean()),
         }
-    return Evaluation(result, kept, m)
+    return Evaluation(result, kept, m, predictor.interval_probs)
 
 
 def oracle_mixture(examples: list[Example], root: Path) -> mx.Mixture | None:
@@ -140,7 +143,7 @@ def evaluate(
         if plots:
             from .plots import evaluation_plots
 
-            evaluation_plots(evaluation.mixture, torch.tensor([e.target for e in evaluation.examples]), output)
+            evaluation_plots(evaluation.mixture, torch.tensor([e.target for e in evaluation.examples]), output, evaluation.interval_probs[2:])
     except OSError as e:
         raise DataError(f"{output}: cannot write evaluation results ({e.strerror})") from None
     return evaluation, output, described
@@ -185,7 +188,7 @@ def _write_predictions(path: Path, evaluation: Evaluation) -> None:
     m, examples = evaluation.mixture, evaluation.examples
     y = torch.tensor([e.target for e in examples], dtype=torch.float64)
     mean, std, median = mx.mean(m), mx.std(m), mx.median(m)
-    q = mx.quantile(m, [mx.P68[0], mx.P68[1], mx.P95[0], mx.P95[1]])
+    q = mx.quantile(m, list(evaluation.interval_probs))
     pit = mx.cdf(m, y)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as f:

@@ -40,7 +40,7 @@ def compute_features(model: MDNRegressor, loader: DataLoader, runtime: Runtime, 
             if batch.images.shape[0] == 0:
                 continue
             with runtime.autocast():
-                f = model.backbone(model.normalize(batch.images.to(runtime.device, non_blocking=True)))
+                f = model.backbone(model.normalize(runtime.images(batch.images)))
             feats.append(f.float().cpu())
             targets.append(batch.targets)
             indices.append(batch.indices)

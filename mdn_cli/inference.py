@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .calibration import NOMINAL_PROBS
 from .checkpoint import load_checkpoint
 from .data import Batch
 from .errors import CheckpointError
@@ -20,8 +21,10 @@ from .targets import TargetScaler
 class Predictor:
     model: MDNRegressor
     scaler: TargetScaler
-    sigma_scale: float
+    sigma_scale: float = 1.0
     """Post-hoc calibration factor on every component std (1.0 = none)."""
+    interval_probs: tuple[float, float, float, float] = NOMINAL_PROBS
+    """CDF levels of the reported 68% and 95% intervals (conformal calibration moves them)."""
 
     @classmethod
     def from_checkpoint(cls, path, runtime: Runtime) -> tuple[Predictor, dict]:
@@ -31,11 +34,15 @@ class Predictor:
             model = MDNRegressor(args, pretrained=False)
             model.load_state_dict(ckpt["model"])
             scaler = TargetScaler.from_state_dict(ckpt["target_scaler"])
-            sigma_scale = float((ckpt.get("calibration") or {}).get("sigma_scale", 1.0))
+            calibration = ckpt.get("calibration") or {}
+            sigma_scale = float(calibration.get("sigma_scale", 1.0))
+            probs = tuple(float(p) for p in calibration.get("interval_probs", NOMINAL_PROBS))
+            if len(probs) != 4:
+                raise ValueError("interval_probs must hold 4 probabilities")
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{path}: checkpoint contents do not match this mdn ({type(e).__name__}: {str(e)[:160]})") from None
-        model.to(runtime.device).eval()
-        return cls(model, scaler, sigma_scale), ckpt
+        runtime.prepare(model).eval()
+        return cls(model, scaler, sigma_scale, probs), ckpt
 
     def mixture(self, outputs: Outputs, calibrated: bool = True) -> Mixture:
         m = self.scaler.to_mixture(*outputs.heads)
@@ -69,7 +76,7 @@ def run_model(model: torch.nn.Module, batches: Iterable[Batch], runtime: Runtime
             if batch.images.shape[0] == 0:
                 continue
             with runtime.autocast():
-                out = model(batch.images.to(runtime.device, non_blocking=True))
+                out = model(runtime.images(batch.images))
             heads.append(tuple(o.float().cpu() for o in out))
             targets.append(batch.targets)
             indices.append(batch.indices)

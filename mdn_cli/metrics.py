@@ -16,12 +16,13 @@ def central_coverage(pit: torch.Tensor, levels=CALIBRATION_LEVELS) -> list[float
     return [float((dist <= c / 2).double().mean()) for c in levels]
 
 
-def score(m: mx.Mixture, y: torch.Tensor) -> dict[str, float]:
+def score(m: mx.Mixture, y: torch.Tensor, interval_probs=(*mx.P68, *mx.P95)) -> dict[str, float]:
     """All metrics of N predictions against N targets y (target units). NLL in nats per sample,
-    with the Jacobian of the target transform included (a density over y, not over log y)."""
+    with the Jacobian of the target transform included (a density over y, not over log y).
+    `interval_probs`: CDF levels of the 68% and 95% interval ends (low, high, low, high)."""
     y = y.double()
     mean, median = mx.mean(m), mx.median(m)
-    lo68, hi68, lo95, hi95 = mx.quantile(m, [*mx.P68, *mx.P95]).unbind(-1)
+    lo68, hi68, lo95, hi95 = mx.quantile(m, list(interval_probs)).unbind(-1)
     pit = mx.cdf(m, y)
     observed = central_coverage(pit)
     return {

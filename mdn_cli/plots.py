@@ -14,8 +14,9 @@ from . import metrics  # noqa: E402
 from . import mixture as mx  # noqa: E402
 
 
-def evaluation_plots(m: mx.Mixture, y: torch.Tensor, out: Path) -> list[Path]:
-    """reliability.png, pit_histogram.png and predicted_vs_true.png in `out`."""
+def evaluation_plots(m: mx.Mixture, y: torch.Tensor, out: Path, probs95=mx.P95) -> list[Path]:
+    """reliability.png, pit_histogram.png and predicted_vs_true.png in `out`; `probs95` are the
+    CDF levels of the 95% interval ends."""
     y = y.double()
     pit = mx.cdf(m, y)
     paths = [out / "reliability.png", out / "pit_histogram.png", out / "predicted_vs_true.png"]
@@ -42,7 +43,7 @@ def evaluation_plots(m: mx.Mixture, y: torch.Tensor, out: Path) -> list[Path]:
     _save(fig, paths[1])
 
     # Predicted median with 95% intervals against the truth.
-    lo, hi = mx.interval(m, 0.95)
+    lo, hi = mx.quantile(m, list(probs95)).unbind(-1)
     median = mx.median(m)
     inside = (y >= lo) & (y <= hi)
     fig, ax = plt.subplots(figsize=(6, 6))

@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from . import mixture as mx
+from .calibration import NOMINAL_PROBS
 from .data import ImageRegressionDataset, make_loader, resolve_num_workers
 from .errors import CheckpointError, DataError
 from .images import IMAGE_SUFFIXES, is_image_file
@@ -57,10 +58,11 @@ def collect_images(inputs: list[str]) -> tuple[list[Path], list[str]]:
     return list(found), problems
 
 
-def summarize(m: mx.Mixture) -> list[dict]:
-    """One dict per row of `m`: summaries in target units, components in the model's target space."""
+def summarize(m: mx.Mixture, interval_probs=NOMINAL_PROBS) -> list[dict]:
+    """One dict per row of `m`: summaries in target units, components in the model's target space.
+    `interval_probs`: CDF levels of the 68% and 95% interval ends (low, high, low, high)."""
     mean, std, median, mode = mx.mean(m), mx.std(m), mx.median(m), mx.mode(m)
-    q = mx.quantile(m, [mx.P68[0], mx.P68[1], mx.P95[0], mx.P95[1]])
+    q = mx.quantile(m, list(interval_probs))
     order = torch.argsort(m.weights, dim=-1, descending=True)
     out = []
     for i in range(len(m)):
@@ -108,7 +110,7 @@ def predict_images(
     outputs = run_model(predictor.model, batches, runtime, on_skip)
     m = predictor.mixture(outputs)
     kept = [images[i] for i in outputs.indices.tolist()]
-    return [Prediction(str(p), s) for p, s in zip(kept, summarize(m))], m
+    return [Prediction(str(p), s) for p, s in zip(kept, summarize(m, predictor.interval_probs))], m
 
 
 # ---------------------------------------------------------------------------------------------

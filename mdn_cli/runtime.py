@@ -29,6 +29,20 @@ class Runtime:
     def pin_memory(self) -> bool:
         return self.device.type == "cuda"
 
+    @property
+    def channels_last(self) -> bool:
+        """NHWC tensors: what cuDNN's fastest convolution kernels (and tensor cores) want."""
+        return self.device.type == "cuda"
+
+    def images(self, batch: torch.Tensor) -> torch.Tensor:
+        """A batch of uint8 images (N, 3, S, S), moved to the device in its preferred layout."""
+        batch = batch.to(self.device, non_blocking=True)
+        return batch.contiguous(memory_format=torch.channels_last) if self.channels_last and batch.ndim == 4 else batch
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
 
 def select_device(setting: str) -> torch.device:
     """`auto` picks CUDA, then MPS, then CPU; an explicit device that is absent is an error."""

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from . import mixture as mx
 from .backbones import get_backbone
-from .calibration import fit_sigma_scale
+from .calibration import conformal_probs, fit_sigma_scale
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, to_yaml
 from .data import (
@@ -148,7 +148,7 @@ def _train(cfg: Config, run_dir: Path, runtime: Runtime, ctx: Dist, resume: bool
     )
     model = MDNRegressor(args, pretrained=False if resume else cfg.model.pretrained)
     model.head.init_spread(scaler.encode(train_targets))
-    model.to(runtime.device)
+    runtime.prepare(model)
     ctx.broadcast_state(model)
     optimizer = _make_optimizer(model, cfg)
     steps_per_epoch = len(train_loader)
@@ -193,6 +193,7 @@ def _train(cfg: Config, run_dir: Path, runtime: Runtime, ctx: Dist, resume: bool
         return cfg.model.freeze_backbone or (cfg.train.unfreeze_after is not None and epoch < cfg.train.unfreeze_after)
 
     cache: dict = {}  # loaders over backbone features, built the first time the backbone is frozen
+    compiled = _compiler(cfg.train.compile, log)
 
     bad_epochs = _epochs_since_best(history)
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -212,7 +213,7 @@ def _train(cfg: Config, run_dir: Path, runtime: Runtime, ctx: Dist, resume: bool
             forward, loaders = model.head, (cache["train"], cache["val"])
         else:
             sampler.set_epoch(epoch)
-            forward, loaders = model, (train_loader, val_loader)
+            forward, loaders = compiled(model), (train_loader, val_loader)
         _set_train_mode(model, frozen(epoch), batch_size)
         train_nll, seen, bad_steps = _train_one_epoch(
             forward, loaders[0], optimizer, scheduler, grad_scaler, scaler, runtime, ctx, cfg, epoch, on_skip
@@ -270,16 +271,22 @@ def _train(cfg: Config, run_dir: Path, runtime: Runtime, ctx: Dist, resume: bool
         log(f"skipped {len(skipped)} unreadable images (listed in {run_dir / 'skipped.txt'})")
 
     best_path = run_dir / "best.pt"
-    if cfg.train.calibration == "scale":
+    if cfg.train.calibration != "none":
         best = load_checkpoint(best_path)
         model.load_state_dict(best["model"])
         val_out = run_model(model, make_loader(dataset("val"), batch_size, num_workers), runtime, on_skip)
-        fit = fit_sigma_scale(scaler.to_mixture(*val_out.heads), val_out.targets)
-        save_checkpoint({**best, "calibration": {"sigma_scale": fit.scale}}, best_path)
+        val_mixture = scaler.to_mixture(*val_out.heads)
+        fit = fit_sigma_scale(val_mixture, val_out.targets)
+        calibration = {"sigma_scale": fit.scale}
         log(
             f"calibration on {len(val_out.targets)} val images: component stds x {fit.scale:.3f}, "
             f"val NLL {fit.nll_before:.4f} -> {fit.nll_after:.4f}"
         )
+        if cfg.train.calibration == "conformal":
+            probs = conformal_probs(val_mixture.scaled(fit.scale), val_out.targets)
+            calibration["interval_probs"] = list(probs)
+            log(f"conformal intervals: 68% -> quantiles {probs[0]:.4f}..{probs[1]:.4f}, 95% -> {probs[2]:.4f}..{probs[3]:.4f}")
+        save_checkpoint({**best, "calibration": calibration}, best_path)
     if by_split["test"]:
         from .evaluate import (  # the same code as `mdn evaluate`
             evaluate,
@@ -309,7 +316,7 @@ def _train_one_epoch(
         n = batch.images.shape[0]
         if not ctx.all_true(n >= 2):  # BatchNorm needs 2+ images; a batch can lose images to skips
             continue
-        images = batch.images.to(runtime.device, non_blocking=True)
+        images = runtime.images(batch.images)
         y = batch.targets.to(runtime.device, non_blocking=True)
         with runtime.autocast():
             logits, means, stds = model(images)
@@ -347,6 +354,28 @@ def _train_one_epoch(
         bar.set_postfix(nll=f"{total_nll / seen:.4f}")
     total_nll, seen = ctx.sum([total_nll, seen])
     return (total_nll / seen if seen else math.nan), int(seen), bad_steps
+
+
+def _compiler(enabled: bool, log: Callable[[str], None]) -> Callable[[torch.nn.Module], torch.nn.Module]:
+    """`train.compile`: torch.compile the model once; where it cannot compile (no compiler,
+    unsupported platform), warn and train eagerly rather than fail."""
+    done: dict[int, torch.nn.Module] = {}
+
+    def compiled(model: torch.nn.Module) -> torch.nn.Module:
+        if not enabled:
+            return model
+        if id(model) not in done:
+            import torch._dynamo
+
+            torch._dynamo.config.suppress_errors = True  # a graph that fails to compile runs eagerly
+            try:
+                done[id(model)] = torch.compile(model)
+            except Exception as e:  # noqa: BLE001 - any failure means: run eagerly
+                log(f"warning: torch.compile is not available here ({type(e).__name__}: {str(e)[:120]}); training without it")
+                done[id(model)] = model
+        return done[id(model)]
+
+    return compiled
 
 
 def _quiet(message: str) -> None:
