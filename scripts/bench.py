@@ -65,7 +65,7 @@ from mdn_cli.model import MDNRegressor, ModelArgs
 from mdn_cli.predict import predict_images
 from mdn_cli.runtime import Runtime, select_runtime
 from mdn_cli.targets import TargetScaler
-from mdn_cli.train import _make_optimizer, _set_train_mode, _train_one_epoch, _warmup_cosine
+from mdn_cli.train import _compiler, _make_optimizer, _set_train_mode, _train_one_epoch, _warmup_cosine
 
 PHOTO_SIZE = (320, 240)  # width, height of the synthetic photos
 # (cells across, amplitude) of the random colour fields summed into each photo: about 24 KB per
@@ -209,9 +209,10 @@ def make_photos(folder: Path, n: int, seed: int = 0) -> tuple[list[Path], list[f
     return paths, targets
 
 
-def predecode(paths: list[Path], size: int, device: torch.device) -> torch.Tensor:
-    """Every image decoded and resized once (the same pixels mdn's cache holds), on the device."""
-    return torch.stack([decode_square(p, size) for p in paths]).to(device)
+def predecode(paths: list[Path], size: int, runtime: Runtime) -> torch.Tensor:
+    """Every image decoded and resized once (the same pixels mdn's cache holds), on the device in
+    the layout mdn feeds the model (channels_last on CUDA)."""
+    return runtime.images(torch.stack([decode_square(p, size) for p in paths]))
 
 
 def bench_config(setting: Setting, device: str, epochs: int) -> Config:
@@ -311,7 +312,7 @@ def build_training(setting: Setting, device: str, paths: list[Path], targets: li
     )
     model = MDNRegressor(args, pretrained=cfg.model.pretrained)
     model.head.init_spread(scaler.encode(train_targets))
-    model.to(runtime.device)
+    runtime.prepare(model)  # device and memory layout
     optimizer = _make_optimizer(model, cfg)
     steps = len(loader)
     scheduler = _warmup_cosine(optimizer, round(cfg.train.warmup_epochs * steps), cfg.train.epochs * steps)
@@ -319,9 +320,12 @@ def build_training(setting: Setting, device: str, paths: list[Path], targets: li
     return TrainingSetup(cfg, runtime, ctx, args, model, optimizer, scheduler, grad_scaler, scaler, sampler, loader, workers)
 
 
-def make_bare_step(model: MDNRegressor, cfg: Config, runtime: Runtime, images: torch.Tensor, y: torch.Tensor, batch_size: int):
+def make_bare_step(model: MDNRegressor, cfg: Config, runtime: Runtime, images: torch.Tensor, y: torch.Tensor,
+                   batch_size: int, forward=None):
     """The compute-only reference: forward, mixture NLL, backward, AdamW step on tensors already
-    on the device. No loader, no gradient clipping, no per-step host sync."""
+    on the device. No loader, no gradient clipping, no per-step host sync. `forward`: the model as
+    called (torch.compile'd when mdn compiles it)."""
+    forward = forward or model
     optimizer = _make_optimizer(model, cfg)
     grad_scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
     _set_train_mode(model, False, batch_size)
@@ -331,7 +335,7 @@ def make_bare_step(model: MDNRegressor, cfg: Config, runtime: Runtime, images: t
         for i in range(n_steps):
             j = (i % steps) * batch_size
             with runtime.autocast():
-                logits, means, stds = model(images[j : j + batch_size])
+                logits, means, stds = forward(images[j : j + batch_size])
             loss = mixture_nll(logits.float(), means.float(), stds.float(), y[j : j + batch_size]).mean()
             optimizer.zero_grad(set_to_none=True)
             grad_scaler.scale(loss).backward()
@@ -347,13 +351,14 @@ def measure_training(setup: TrainingSetup, bare_images: torch.Tensor, windows: i
     s, device = setup, setup.runtime.device
     bare_model = copy.deepcopy(s.model)  # same weights, its own optimiser
     y = s.scaler.encode(torch.tensor(s.loader.dataset.targets, dtype=torch.float64)).float().to(device)
-    bare = make_bare_step(bare_model, s.cfg, s.runtime, bare_images, y, s.cfg.train.batch_size)
+    compiled = _compiler(s.cfg.train.compile, log)  # identity unless train.compile
+    bare = make_bare_step(bare_model, s.cfg, s.runtime, bare_images, y, s.cfg.train.batch_size, compiled(bare_model))
 
     def mdn_epoch(epoch: int) -> int:
         s.sampler.set_epoch(epoch)
         _set_train_mode(s.model, False, s.cfg.train.batch_size)
         _, seen, _ = _train_one_epoch(
-            s.model, s.loader, s.optimizer, s.scheduler, s.grad_scaler, s.scaler, s.runtime, s.ctx, s.cfg, epoch, on_skip
+            compiled(s.model), s.loader, s.optimizer, s.scheduler, s.grad_scaler, s.scaler, s.runtime, s.ctx, s.cfg, epoch, on_skip
         )
         return seen
 
@@ -557,7 +562,7 @@ def run_setting(setting: Setting, plan: Plan, device: str, paths: list[Path], ta
     if probe.device.type == "cpu" and plan.cpu_train_batches:
         n_train = min(n_train, plan.cpu_train_batches * setting.batch_size)
     setup = build_training(setting, device, paths[:n_train], targets[:n_train], epochs=plan.train_windows + 1)
-    bare_images = predecode(paths[:n_train], setting.image_size, setup.runtime.device)
+    bare_images = predecode(paths[:n_train], setting.image_size, setup.runtime)
     result: dict = {**asdict(setting), "device": str(setup.runtime.device)}
 
     result["train"] = train = measure_training(setup, bare_images, plan.train_windows)
@@ -571,7 +576,7 @@ def run_setting(setting: Setting, plan: Plan, device: str, paths: list[Path], ta
 
     checkpoint = tmp / f"ckpt-{setting.name}.pt"
     write_bench_checkpoint(setup, checkpoint)
-    all_images = bare_images if n_train == len(paths) else predecode(paths, setting.image_size, setup.runtime.device)
+    all_images = bare_images if n_train == len(paths) else predecode(paths, setting.image_size, setup.runtime)
     result["predict_batch"] = measure_batch_prediction(setup, checkpoint, paths, all_images, plan)
     result["predict_single"] = measure_single_prediction(checkpoint, paths[0], setup.runtime.device, plan, tmp)
     return result
