@@ -49,7 +49,6 @@ def read_labels(
     target_column: str,
     split_column: str | None,
     target_transform: str = "none",
-    require_targets: bool = True,
 ) -> list[Example]:
     """Read and validate the whole labels CSV; report every problem found at once (DataError)."""
     try:
@@ -66,10 +65,7 @@ def read_labels(
     if not header:
         raise DataError(f"{labels_path}: labels file is empty; expected a header line such as 'image,target'")
     reader.fieldnames = header
-    needed = [("data.image_column", image_column)]
-    if require_targets:
-        needed.append(("data.target_column", target_column))
-    for key, column in needed:
+    for key, column in (("data.image_column", image_column), ("data.target_column", target_column)):
         if column not in header:
             guess = difflib.get_close_matches(column, header, n=1, cutoff=0.5)
             hint = f"; did you mean '{guess[0]}'? Set {key}: {guess[0]}" if guess else f"; set {key} to one of them"
@@ -92,23 +88,21 @@ def read_labels(
         if path is None:
             problems.append(f"{where}: image path '{image}' points outside data.root; use a path relative to {root}")
             continue
-        target = math.nan
-        if require_targets:
-            text = (row.get(target_column) or "").strip()
-            try:
-                target = float(text)
-            except ValueError:
-                problems.append(f"{where}: target '{text}' in column '{target_column}' is not a number")
-                continue
-            if not math.isfinite(target):
-                problems.append(f"{where}: target '{text}' is not a finite number")
-                continue
-            if target_transform == "log" and target <= 0:
-                problems.append(
-                    f"{where}: target {text} is not positive, which data.target_transform: log requires; "
-                    "fix the label or use target_transform: none"
-                )
-                continue
+        text = (row.get(target_column) or "").strip()
+        try:
+            target = float(text)
+        except ValueError:
+            problems.append(f"{where}: target '{text}' in column '{target_column}' is not a number")
+            continue
+        if not math.isfinite(target):
+            problems.append(f"{where}: target '{text}' is not a finite number")
+            continue
+        if target_transform == "log" and target <= 0:
+            problems.append(
+                f"{where}: target {text} is not positive, which data.target_transform: log requires; "
+                "fix the label or use target_transform: none"
+            )
+            continue
         split = None
         if has_split:
             split = (row.get(split_column) or "").strip().lower()
@@ -119,9 +113,7 @@ def read_labels(
         example = Example(image=image, path=path, target=target, split=split, line=line)
         previous = seen.get(str(path))
         if previous is not None:
-            if (previous.target, previous.split) != (target, split) and not (
-                math.isnan(target) and math.isnan(previous.target)
-            ):
+            if (previous.target, previous.split) != (target, split):
                 problems.append(f"{where}: '{image}' is listed again with a different label (first on line {previous.line})")
             continue  # an exact duplicate row is dropped
         seen[str(path)] = example
