@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from tqdm import tqdm
 from torch.utils.data import DataLoader, Dataset
 
 from .data import make_loader
@@ -28,13 +29,15 @@ class FeatureDataset(Dataset):
 
 
 @torch.inference_mode()
-def compute_features(model: MDNRegressor, loader: DataLoader, runtime: Runtime, on_skip: Callable[[str], None]) -> FeatureDataset:
+def compute_features(
+    model: MDNRegressor, loader: DataLoader, runtime: Runtime, on_skip: Callable[[str], None], progress: bool = True
+) -> FeatureDataset:
     """Backbone features (N, D) float32 on CPU for every image of `loader` that decodes."""
     was_training = model.training
     model.eval()
     feats, targets, indices = [], [], []
     try:
-        for batch in loader:
+        for batch in tqdm(loader, desc="backbone features", unit="batch", leave=False, disable=not progress):
             for message in batch.skipped:
                 on_skip(message)
             if batch.images.shape[0] == 0:

@@ -23,7 +23,6 @@ from .inference import Predictor, run_model
 from .runtime import select_runtime
 
 FORMATS = ("table", "json", "csv")
-SUMMARY_KEYS = ("mean", "std", "median", "mode", "interval_68", "interval_95")
 
 
 def find_latest_checkpoint(runs: Path = Path("runs")) -> Path:

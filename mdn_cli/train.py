@@ -81,6 +81,8 @@ def load_examples(cfg: Config) -> tuple[list[Example], list[str]]:
 
 def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, log: Callable[[str], None] = tqdm.write) -> Path:
     """Train a model as configured; returns the run folder."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.data.root = str(Path(cfg.data.root).resolve())  # the checkpoint must find its data from anywhere
     runtime = select_runtime(cfg.run.device, cfg.train.precision)
     ctx = init_distributed(runtime.device.type)
     if ctx.enabled and runtime.device.type == "cuda":
@@ -102,7 +104,6 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, log: Ca
 
 
 def _train(cfg: Config, run_dir: Path, runtime: Runtime, ctx: Dist, resume: bool, log: Callable[[str], None]) -> Path:
-    cfg.data.root = str(Path(cfg.data.root).resolve())  # the checkpoint must find its data from anywhere
     if cfg.train.batch_size % ctx.world_size:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the {ctx.world_size} processes")
     batch_size = cfg.train.batch_size // ctx.world_size  # per process; the global batch is train.batch_size
@@ -205,10 +206,11 @@ def _train(cfg: Config, run_dir: Path, runtime: Runtime, ctx: Dist, resume: bool
         if frozen(epoch):
             if not cache:
                 log("computing backbone features once (the backbone is frozen)")
-                features = compute_features(model, make_loader(dataset("train"), batch_size, num_workers), runtime, on_skip)
+                train_images = make_loader(dataset("train"), batch_size, num_workers)
+                features = compute_features(model, train_images, runtime, on_skip, ctx.is_main)
                 cache["sampler"] = SeededSampler(len(features), True, cfg.run.seed, ctx.rank, ctx.world_size)
                 cache["train"] = feature_loader(features, batch_size, cache["sampler"], drop_last=True)
-                cache["val"] = feature_loader(compute_features(model, val_loader, runtime, on_skip), batch_size)
+                cache["val"] = feature_loader(compute_features(model, val_loader, runtime, on_skip, ctx.is_main), batch_size)
             cache["sampler"].set_epoch(epoch)
             forward, loaders = model.head, (cache["train"], cache["val"])
         else:
@@ -236,7 +238,7 @@ def _train(cfg: Config, run_dir: Path, runtime: Runtime, ctx: Dist, resume: bool
             "train_nll": train_nll,
             "val_nll": val["nll"],
             "val_mae": val["mae"],
-            "lr": scheduler.get_last_lr()[0],
+            "lr": scheduler.get_last_lr()[-1],  # the head's (train.lr); the backbone runs at lr * backbone_lr_scale
             "images_per_s": seen / seconds,
             "seconds": seconds,
         }

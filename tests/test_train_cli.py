@@ -146,6 +146,15 @@ def test_overwrite_replaces_a_run(tiny_config, tmp_path):
     assert len(rows(tmp_path / "runs/tiny/metrics.csv")) == 2
 
 
+def test_resume_with_a_relative_data_root(tmp_path, toy_data, monkeypatch):
+    monkeypatch.chdir(toy_data.parent)
+    config = write_config(tmp_path / "c.yaml", toy_data.name, tmp_path / "runs", train={"epochs": 1, "batch_size": 8})
+    assert mdn("train", config).exit_code == 0
+    result = mdn("train", config, "--resume", "--set", "train.epochs=2")
+    assert result.exit_code == 0, result.output
+    assert "resuming" in result.output
+
+
 def test_resume_without_a_run(tiny_config):
     result = mdn("train", tiny_config, "--resume")
     assert result.exit_code == 2 and "nothing to resume" in result.output
