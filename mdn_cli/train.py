@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from . import mixture as mx
 from .backbones import get_backbone
-from .calibration import conformal_probs, fit_sigma_scale
+from .calibration import conformal_probs, fit_sigma_scale, nll_sums
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, to_yaml
 from .data import (
@@ -53,7 +53,7 @@ from .runtime import Runtime, select_runtime
 from .targets import TargetScaler
 
 RUN_FILES = ("config.yaml", "splits.csv", "metrics.csv", "last.pt", "best.pt", "eval", "skipped.txt")
-HISTORY_COLUMNS = ("epoch", "train_nll", "val_nll", "val_mae", "lr", "images_per_s", "seconds")
+HISTORY_COLUMNS = ("epoch", "train_nll", "val_nll", "val_nll_calibrated", "val_mae", "lr", "images_per_s", "seconds")
 # A run gives up when this many consecutive steps had a non-finite loss or gradient.
 MAX_BAD_STEPS = 20
 # Below this many images per process, one batch's BatchNorm statistics are too noisy to train with.
@@ -164,7 +164,7 @@ def _train(cfg: Config, run_dir: Path, runtime: Runtime, ctx: Dist, resume: bool
         scheduler.load_state_dict(state["scheduler"])
         grad_scaler.load_state_dict(state["grad_scaler"])
         start_epoch, history, best_val = state["epoch"], list(state["history"]), state["best_val_nll"]
-        log(f"resuming {run_dir} after epoch {start_epoch}/{cfg.train.epochs} (best val NLL {best_val:.4f})")
+        log(f"resuming {run_dir} after epoch {start_epoch}/{cfg.train.epochs} (best {best_val:.4f})")
     log(
         f"training {cfg.model.backbone} + {cfg.model.components}-component MDN on {runtime.device} "
         f"({'fp32' if runtime.amp_dtype is None else str(runtime.amp_dtype).removeprefix('torch.')}"
@@ -196,10 +196,13 @@ def _train(cfg: Config, run_dir: Path, runtime: Runtime, ctx: Dist, resume: bool
     cache: dict = {}  # loaders over backbone features, built the first time the backbone is frozen
     compiled = _compiler(cfg.train.compile, log)
 
-    bad_epochs = _epochs_since_best(history)
+    # The best epoch is the one with the best val NLL after the std scale that calibration will fit:
+    # a later epoch with better means but overconfident stds beats an earlier, blunter one.
+    selection = "val_nll" if cfg.train.calibration == "none" else "val_nll_calibrated"
+    bad_epochs = _epochs_since_best(history, selection)
     for epoch in range(start_epoch, cfg.train.epochs):
         if cfg.train.early_stopping_patience and bad_epochs >= cfg.train.early_stopping_patience:
-            log(f"early stopping: val NLL has not improved for {bad_epochs} epochs")
+            log(f"early stopping: the {selection.replace('_', ' ')} has not improved for {bad_epochs} epochs")
             break
         torch.manual_seed(cfg.run.seed * 1_000_003 + epoch)  # dropout: identical on resume
         started = time.perf_counter()
@@ -224,10 +227,11 @@ def _train(cfg: Config, run_dir: Path, runtime: Runtime, ctx: Dist, resume: bool
         ctx.broadcast_state(model)  # BatchNorm statistics: rank 0's, as DistributedDataParallel does
         val_out = run_model(forward, loaders[1], runtime, on_skip)
         val_mixture, val_y = scaler.to_mixture(*val_out.heads), val_out.targets
-        nll_sum, abs_err_sum, n_val = ctx.sum(
-            [float(-mx.log_prob(val_mixture, val_y).sum()), float((mx.mean(val_mixture) - val_y).abs().sum()), len(val_y)]
+        nll_sum, abs_err_sum, n_val, *scaled_sums = ctx.sum(
+            [float(-mx.log_prob(val_mixture, val_y).sum()), float((mx.mean(val_mixture) - val_y).abs().sum()), len(val_y),
+             *nll_sums(val_mixture, val_y)]
         )
-        val = {"nll": nll_sum / n_val, "mae": abs_err_sum / n_val}
+        val = {"nll": nll_sum / n_val, "mae": abs_err_sum / n_val, "nll_calibrated": min(scaled_sums) / n_val}
         if not math.isfinite(val["nll"]):
             raise TrainingError(
                 f"epoch {epoch + 1}: the validation NLL is {val['nll']} (diverged); nothing of this epoch was saved, "
@@ -237,15 +241,16 @@ def _train(cfg: Config, run_dir: Path, runtime: Runtime, ctx: Dist, resume: bool
             "epoch": epoch + 1,
             "train_nll": train_nll,
             "val_nll": val["nll"],
+            "val_nll_calibrated": val["nll_calibrated"],
             "val_mae": val["mae"],
             "lr": scheduler.get_last_lr()[-1],  # the head's (train.lr); the backbone runs at lr * backbone_lr_scale
             "images_per_s": seen / seconds,
             "seconds": seconds,
         }
         history.append(row)
-        improved = val["nll"] < best_val
+        improved = row[selection] < best_val
         if improved:
-            best_val = val["nll"]
+            best_val = row[selection]
         bad_epochs = 0 if improved else bad_epochs + 1
         if ctx.is_main:
             state = checkpoint(epoch + 1)
@@ -261,7 +266,8 @@ def _train(cfg: Config, run_dir: Path, runtime: Runtime, ctx: Dist, resume: bool
             save_checkpoint({**state, **training_state}, run_dir / "last.pt")
             _write_history(run_dir / "metrics.csv", history)
         log(
-            f"epoch {epoch + 1:>3}/{cfg.train.epochs}  train NLL {train_nll:8.4f}  val NLL {val['nll']:8.4f}  "
+            f"epoch {epoch + 1:>3}/{cfg.train.epochs}  train NLL {train_nll:8.4f}  val NLL {val['nll']:8.4f} "
+            f"(calibrated {val['nll_calibrated']:.4f})  "
             f"val MAE {val['mae']:.4g}  lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s"
             f"{'  (head only)' if frozen(epoch) else ''}{f'  ({bad_steps} NaN steps skipped)' if bad_steps else ''}"
             f"{'  *best' if improved else ''}"
@@ -299,7 +305,7 @@ def _train(cfg: Config, run_dir: Path, runtime: Runtime, ctx: Dist, resume: bool
             best_path, device=str(runtime.device), num_workers=num_workers, on_skip=lambda message: log(f"skipped: {message}")
         )
         log(f"test metrics of the best checkpoint ({described}; written to {out}):\n{format_metrics(evaluation.metrics)}")
-    log(f"best checkpoint (val NLL {best_val:.4f}): {best_path}")
+    log(f"best checkpoint ({selection.replace('_', ' ')} {best_val:.4f}): {best_path}")
     return run_dir
 
 
@@ -431,12 +437,12 @@ def _warmup_cosine(optimizer, warmup_steps: int, total_steps: int) -> torch.opti
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _epochs_since_best(history: list[dict]) -> int:
+def _epochs_since_best(history: list[dict], key: str) -> int:
     best = math.inf
     since = 0
     for row in history:
-        if row["val_nll"] < best:
-            best, since = row["val_nll"], 0
+        if row[key] < best:
+            best, since = row[key], 0
         else:
             since += 1
     return since

@@ -42,7 +42,7 @@ def test_train_writes_the_run_folder_and_resumes(tiny_config, tmp_path):
     out = result.output
     assert "epoch   1/2" in out and "epoch   2/2" in out
     assert "val NLL" in out and "val MAE" in out and "img/s" in out and "lr " in out
-    assert "best checkpoint (val NLL" in out and str(run / "best.pt") in out
+    assert "best checkpoint (val nll calibrated" in out and str(run / "best.pt") in out
 
     # resolved config, with every default filled in
     resolved = yaml.safe_load((run / "config.yaml").read_text())
@@ -56,7 +56,8 @@ def test_train_writes_the_run_folder_and_resumes(tiny_config, tmp_path):
 
     history = rows(run / "metrics.csv")
     assert [int(r["epoch"]) for r in history] == [1, 2]
-    assert set(history[0]) == {"epoch", "train_nll", "val_nll", "val_mae", "lr", "images_per_s", "seconds"}
+    assert set(history[0]) == {"epoch", "train_nll", "val_nll", "val_nll_calibrated", "val_mae", "lr", "images_per_s", "seconds"}
+    assert all(float(r["val_nll_calibrated"]) <= float(r["val_nll"]) + 1e-6 for r in history)
 
     # checkpoints describe themselves and load without unpickling code
     for name in ("last.pt", "best.pt"):
