@@ -182,3 +182,16 @@ def test_help_is_complete():
     assert result.exit_code == 0
     for option in ("--set", "--resume", "--overwrite"):
         assert option in result.output
+
+
+def test_help_does_not_import_torch():
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from mdn_cli.cli import app\n"
+        "for args in (['--help'], ['train', '--help'], ['predict', '--help'], ['evaluate', '--help']):\n"
+        "    assert CliRunner().invoke(app, args).exit_code == 0\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
