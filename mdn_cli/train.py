@@ -79,6 +79,20 @@ def load_examples(cfg: Config) -> tuple[list[Example], list[str]]:
     return examples, splits
 
 
+def model_args(cfg: Config) -> ModelArgs:
+    """The network's arguments for a config (stored in every checkpoint)."""
+    spec = get_backbone(cfg.model.backbone)
+    return ModelArgs(
+        backbone=cfg.model.backbone,
+        components=cfg.model.components,
+        image_size=cfg.data.image_size or spec.image_size,
+        mean=spec.mean,
+        std=spec.std,
+        dropout=cfg.model.dropout,
+        sigma_min=cfg.model.sigma_min,
+    )
+
+
 def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, log: Callable[[str], None] = tqdm.write) -> Path:
     """Train a model as configured; returns the run folder."""
     cfg = cfg.model_copy(deep=True)
@@ -138,15 +152,7 @@ def _train(cfg: Config, run_dir: Path, runtime: Runtime, ctx: Dist, resume: bool
     val_loader = make_loader(dataset("val"), batch_size, num_workers, val_shard, pin_memory=runtime.pin_memory)
 
     # --- model and optimiser ---
-    args = ModelArgs(
-        backbone=cfg.model.backbone,
-        components=cfg.model.components,
-        image_size=image_size,
-        mean=spec.mean,
-        std=spec.std,
-        dropout=cfg.model.dropout,
-        sigma_min=cfg.model.sigma_min,
-    )
+    args = model_args(cfg)
     model = MDNRegressor(args, pretrained=False if resume else cfg.model.pretrained)
     model.head.init_spread(scaler.encode(train_targets))
     runtime.prepare(model)

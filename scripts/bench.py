@@ -65,7 +65,7 @@ from mdn_cli.model import MDNRegressor, ModelArgs
 from mdn_cli.predict import predict_images
 from mdn_cli.runtime import Runtime, select_runtime
 from mdn_cli.targets import TargetScaler
-from mdn_cli.train import _compiler, _make_optimizer, _set_train_mode, _train_one_epoch, _warmup_cosine
+from mdn_cli.train import _compiler, _make_optimizer, _set_train_mode, _train_one_epoch, _warmup_cosine, model_args
 
 PHOTO_SIZE = (320, 240)  # width, height of the synthetic photos
 # (cells across, amplitude) of the random colour fields summed into each photo: about 24 KB per
@@ -301,23 +301,14 @@ def build_training(setting: Setting, device: str, paths: list[Path], targets: li
     dataset = ImageRegressionDataset(paths, targets, size, cfg.data.augment, cache)
     sampler = SeededSampler(len(paths), True, cfg.run.seed, ctx.rank, ctx.world_size)
     loader = make_loader(dataset, cfg.train.batch_size, workers, sampler, drop_last=True, pin_memory=runtime.pin_memory)
-    args = ModelArgs(
-        backbone=cfg.model.backbone,
-        components=cfg.model.components,
-        image_size=size,
-        mean=spec.mean,
-        std=spec.std,
-        dropout=cfg.model.dropout,
-        sigma_min=cfg.model.sigma_min,
-    )
-    model = MDNRegressor(args, pretrained=cfg.model.pretrained)
+    model = MDNRegressor(model_args(cfg), pretrained=cfg.model.pretrained)
     model.head.init_spread(scaler.encode(train_targets))
     runtime.prepare(model)  # device and memory layout
     optimizer = _make_optimizer(model, cfg)
     steps = len(loader)
     scheduler = _warmup_cosine(optimizer, round(cfg.train.warmup_epochs * steps), cfg.train.epochs * steps)
     grad_scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
-    return TrainingSetup(cfg, runtime, ctx, args, model, optimizer, scheduler, grad_scaler, scaler, sampler, loader, workers)
+    return TrainingSetup(cfg, runtime, ctx, model.args, model, optimizer, scheduler, grad_scaler, scaler, sampler, loader, workers)
 
 
 def make_bare_step(model: MDNRegressor, cfg: Config, runtime: Runtime, images: torch.Tensor, y: torch.Tensor,
