@@ -10,6 +10,7 @@ from tqdm import tqdm
 from torch.utils.data import DataLoader, Dataset
 
 from .data import make_loader
+from .inference import run_model
 from .model import MDNRegressor
 from .runtime import Runtime
 
@@ -28,28 +29,24 @@ class FeatureDataset(Dataset):
         return self.features[i], float(self.targets[i]), int(self.indices[i])
 
 
-@torch.inference_mode()
+class _Backbone(torch.nn.Module):
+    """uint8 images -> backbone features (N, D) of an MDNRegressor."""
+
+    def __init__(self, model: MDNRegressor):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.backbone(self.model.normalize(images))
+
+
 def compute_features(
     model: MDNRegressor, loader: DataLoader, runtime: Runtime, on_skip: Callable[[str], None], progress: bool = True
 ) -> FeatureDataset:
     """Backbone features (N, D) float32 on CPU for every image of `loader` that decodes."""
-    was_training = model.training
-    model.eval()
-    feats, targets, indices = [], [], []
-    try:
-        for batch in tqdm(loader, desc="backbone features", unit="batch", leave=False, disable=not progress):
-            for message in batch.skipped:
-                on_skip(message)
-            if batch.images.shape[0] == 0:
-                continue
-            with runtime.autocast():
-                f = model.backbone(model.normalize(runtime.images(batch.images)))
-            feats.append(f.float().cpu())
-            targets.append(batch.targets)
-            indices.append(batch.indices)
-    finally:
-        model.train(was_training)
-    return FeatureDataset(torch.cat(feats), torch.cat(targets), torch.cat(indices))
+    batches = tqdm(loader, desc="backbone features", unit="batch", leave=False, disable=not progress)
+    out = run_model(_Backbone(model), batches, runtime, on_skip)
+    return FeatureDataset(out.heads[0], out.targets, out.indices)
 
 
 def feature_loader(dataset: FeatureDataset, batch_size: int, sampler=None, drop_last: bool = False) -> DataLoader:

@@ -53,8 +53,9 @@ class Predictor:
 class Outputs:
     """Head outputs for every image that decoded, in loader order, on the CPU."""
 
-    heads: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-    """(logits, means, stds), each (N, K) float32, standardised target space."""
+    heads: tuple[torch.Tensor, ...]
+    """The model's outputs, float32: for MDNRegressor (logits, means, stds), each (N, K), in
+    standardised target space."""
     targets: torch.Tensor
     """(N,) float64, target units."""
     indices: torch.Tensor
@@ -77,7 +78,7 @@ def run_model(model: torch.nn.Module, batches: Iterable[Batch], runtime: Runtime
                 continue
             with runtime.autocast():
                 out = model(runtime.images(batch.images))
-            heads.append(tuple(o.float().cpu() for o in out))
+            heads.append(tuple(o.float().cpu() for o in (out if isinstance(out, tuple) else (out,))))
             targets.append(batch.targets)
             indices.append(batch.indices)
     finally:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import random
 import shutil
 import time
 from collections.abc import Callable
@@ -121,7 +120,7 @@ def _train(cfg: Config, run_dir: Path, runtime: Runtime, ctx: Dist, resume: bool
     if cfg.train.batch_size % ctx.world_size:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the {ctx.world_size} processes")
     batch_size = cfg.train.batch_size // ctx.world_size  # per process; the global batch is train.batch_size
-    _seed_everything(cfg.run.seed)
+    torch.manual_seed(cfg.run.seed)  # initialisation; the split and batches have their own seeded generators
 
     # --- data ---
     examples, splits = load_examples(cfg)
@@ -199,7 +198,7 @@ def _train(cfg: Config, run_dir: Path, runtime: Runtime, ctx: Dist, resume: bool
     def frozen(epoch: int) -> bool:
         return cfg.model.freeze_backbone or (cfg.train.unfreeze_after is not None and epoch < cfg.train.unfreeze_after)
 
-    cache: dict = {}  # loaders over backbone features, built the first time the backbone is frozen
+    feature_loaders: dict = {}  # over backbone features, built the first time the backbone is frozen
     compiled = _compiler(cfg.train.compile, log)
 
     # The best epoch is the one with the best val NLL after the std scale that calibration will fit:
@@ -213,15 +212,15 @@ def _train(cfg: Config, run_dir: Path, runtime: Runtime, ctx: Dist, resume: bool
         torch.manual_seed(cfg.run.seed * 1_000_003 + epoch)  # dropout: identical on resume
         started = time.perf_counter()
         if frozen(epoch):
-            if not cache:
+            if not feature_loaders:
                 log("computing backbone features once (the backbone is frozen)")
                 train_images = make_loader(dataset("train"), batch_size, num_workers)
                 features = compute_features(model, train_images, runtime, on_skip, ctx.is_main)
-                cache["sampler"] = SeededSampler(len(features), True, cfg.run.seed, ctx.rank, ctx.world_size)
-                cache["train"] = feature_loader(features, batch_size, cache["sampler"], drop_last=True)
-                cache["val"] = feature_loader(compute_features(model, val_loader, runtime, on_skip, ctx.is_main), batch_size)
-            cache["sampler"].set_epoch(epoch)
-            forward, loaders = model.head, (cache["train"], cache["val"])
+                feature_loaders["sampler"] = SeededSampler(len(features), True, cfg.run.seed, ctx.rank, ctx.world_size)
+                feature_loaders["train"] = feature_loader(features, batch_size, feature_loaders["sampler"], drop_last=True)
+                feature_loaders["val"] = feature_loader(compute_features(model, val_loader, runtime, on_skip, ctx.is_main), batch_size)
+            feature_loaders["sampler"].set_epoch(epoch)
+            forward, loaders = model.head, (feature_loaders["train"], feature_loaders["val"])
         else:
             sampler.set_epoch(epoch)
             forward, loaders = compiled(model), (train_loader, val_loader)
@@ -502,7 +501,3 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
             keys.append(dotted)
     return keys
 
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)

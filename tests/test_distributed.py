@@ -15,8 +15,10 @@ from conftest import write_config
 
 
 def epochs(path):
+    """Per-epoch (train NLLs, val NLLs) from a run's metrics.csv."""
     with open(path) as f:
-        return [float(r["train_nll"]) for r in csv.DictReader(f)], [float(r["val_nll"]) for r in csv.DictReader(open(path))]
+        rows = list(csv.DictReader(f))
+    return [float(r["train_nll"]) for r in rows], [float(r["val_nll"]) for r in rows]
 
 
 def test_torchrun_two_cpu_processes_match_a_single_process(tmp_path, toy_data):

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import write_config
 from PIL import Image
 from typer.testing import CliRunner
@@ -138,7 +137,3 @@ def test_evaluate_new_labelled_csv_and_split_choice(trained, toy_data, tmp_path)
     assert result.exit_code == 0 and json.loads((tmp_path / "v" / "metrics.json").read_text())["n"] == 12
     assert mdn("evaluate", "-c", trained, "--split", "holdout").exit_code == 2
 
-
-def test_checkpoint_stores_the_calibration_and_evaluate_reports_both(trained):
-    ckpt = torch.load(trained, weights_only=True)
-    assert ckpt["calibration"]["sigma_scale"] > 0
