@@ -18,7 +18,6 @@ import torch
 
 from . import mixture as mx
 
-
 # Probabilities of the reported intervals: 68% low, 68% high, 95% low, 95% high.
 NOMINAL_PROBS = (*mx.P68, *mx.P95)
 

@@ -18,15 +18,10 @@ import torch
 from . import metrics
 from . import mixture as mx
 from .calibration import NOMINAL_PROBS
-from .data import (
-    Example,
-    ImageRegressionDataset,
-    make_loader,
-    read_labels,
-    resolve_num_workers,
-)
+from .dataset import ImageRegressionDataset, make_loader, resolve_num_workers
 from .errors import DataError
 from .inference import Predictor, run_model
+from .labels import Example, read_labels
 from .runtime import Runtime, select_runtime
 
 TRUTH_FILE = "truth.csv"

@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from tqdm import tqdm
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
-from .data import make_loader
+from .dataset import make_loader
 from .inference import run_model
 from .model import MDNRegressor
 from .runtime import Runtime

@@ -9,7 +9,7 @@ import torch
 
 from .calibration import NOMINAL_PROBS
 from .checkpoint import load_checkpoint
-from .data import Batch
+from .dataset import Batch
 from .errors import CheckpointError
 from .mixture import Mixture
 from .model import MDNRegressor, ModelArgs

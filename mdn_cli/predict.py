@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from . import mixture as mx
 from .calibration import NOMINAL_PROBS
-from .data import ImageRegressionDataset, make_loader, resolve_num_workers
+from .dataset import ImageRegressionDataset, make_loader, resolve_num_workers
 from .errors import CheckpointError, DataError
 from .images import IMAGE_SUFFIXES, is_image_file
 from .inference import Predictor, run_model

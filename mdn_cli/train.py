@@ -26,29 +26,25 @@ from tqdm import tqdm
 
 from . import mixture as mx
 from .backbones import get_backbone
+from .cache import DecodedCache, cache_directory
 from .calibration import conformal_probs, fit_sigma_scale, nll_sums
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, to_yaml
-from .data import (
-    DecodedCache,
-    Example,
+from .dataset import (
     ImageRegressionDataset,
     SeededSampler,
-    assign_splits,
-    cache_directory,
-    check_split_sizes,
     make_loader,
-    read_labels,
     resolve_num_workers,
-    write_splits,
 )
 from .distributed import Dist, init_distributed, shutdown
 from .errors import ConfigError, DataError, RunError, TrainingError
 from .features import compute_features, feature_loader
 from .inference import run_model
+from .labels import Example, read_labels
 from .mixture import mixture_nll
 from .model import MDNRegressor, ModelArgs
 from .runtime import Runtime, select_runtime
+from .splits import assign_splits, check_split_sizes, write_splits
 from .targets import TargetScaler
 
 RUN_FILES = ("config.yaml", "splits.csv", "metrics.csv", "last.pt", "best.pt", "eval", "skipped.txt")

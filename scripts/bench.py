@@ -49,10 +49,10 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from mdn_cli.backbones import get_backbone
+from mdn_cli.cache import DecodedCache
 from mdn_cli.checkpoint import save_checkpoint
 from mdn_cli.config import Config, load_config
-from mdn_cli.data import (
-    DecodedCache,
+from mdn_cli.dataset import (
     ImageRegressionDataset,
     SeededSampler,
     decode_square,
@@ -65,7 +65,14 @@ from mdn_cli.model import MDNRegressor, ModelArgs
 from mdn_cli.predict import predict_images
 from mdn_cli.runtime import Runtime, select_runtime
 from mdn_cli.targets import TargetScaler
-from mdn_cli.train import _compiler, _make_optimizer, _set_train_mode, _train_one_epoch, _warmup_cosine, model_args
+from mdn_cli.train import (
+    _compiler,
+    _make_optimizer,
+    _set_train_mode,
+    _train_one_epoch,
+    _warmup_cosine,
+    model_args,
+)
 
 PHOTO_SIZE = (320, 240)  # width, height of the synthetic photos
 # (cells across, amplitude) of the random colour fields summed into each photo: about 24 KB per

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
+from conftest import write_config
 from typer.testing import CliRunner
 
 from mdn_cli.cli import app
-from conftest import write_config
 
 
 def epochs(path):

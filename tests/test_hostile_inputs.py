@@ -15,9 +15,10 @@ from typer.testing import CliRunner
 
 from mdn_cli.checkpoint import load_checkpoint, save_checkpoint
 from mdn_cli.cli import app
-from mdn_cli.data import assign_splits, check_split_sizes, read_labels
 from mdn_cli.errors import CheckpointError, DataError
 from mdn_cli.images import UnreadableImageError, load_rgb
+from mdn_cli.labels import read_labels
+from mdn_cli.splits import assign_splits, check_split_sizes
 
 runner = CliRunner()
 

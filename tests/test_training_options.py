@@ -7,16 +7,17 @@ import shutil
 
 import pytest
 import torch
+from conftest import write_config
 from typer.testing import CliRunner
 
-from mdn_cli import data as data_module
+from mdn_cli import cache as cache_module
 from mdn_cli import mixture as mx
+from mdn_cli.cache import DecodedCache
 from mdn_cli.cli import app
 from mdn_cli.config import load_config
-from mdn_cli.data import DecodedCache, decode_square
+from mdn_cli.dataset import decode_square
 from mdn_cli.model import MDNRegressor
 from mdn_cli.train import _make_optimizer, model_args
-from conftest import write_config
 
 runner = CliRunner()
 
@@ -86,7 +87,7 @@ def test_decoded_cache_returns_the_decoded_image(tmp_path, toy_data, mode, monke
     def no_decoding(*args):
         raise AssertionError("decoded again")
 
-    monkeypatch.setattr(data_module, "decode_square", no_decoding)
+    monkeypatch.setattr(cache_module, "decode_square", no_decoding)
     assert torch.equal(cache.get(0, path, 24), expected)  # served from the cache
 
 
@@ -96,8 +97,8 @@ def test_disk_cache_survives_restarts_and_rebuilds_changed_files(tmp_path, toy_d
     DecodedCache("disk", 1, 24, tmp_path / "cache").get(0, path, 24)
     assert len(list((tmp_path / "cache").iterdir())) == 1
     calls = []
-    real = data_module.decode_square
-    monkeypatch.setattr(data_module, "decode_square", lambda *a: calls.append(a) or real(*a))
+    real = cache_module.decode_square
+    monkeypatch.setattr(cache_module, "decode_square", lambda *a: calls.append(a) or real(*a))
     fresh = DecodedCache("disk", 1, 24, tmp_path / "cache")  # a new process, same folder
     fresh.get(0, path, 24)
     assert calls == []

@@ -1,0 +1,188 @@
+"""Images -> batches: the dataset, train-time augmentation, the seeded sampler and the loader.
+
+The loader yields uint8 image batches (N, 3, S, S) and float64 targets in target units; the
+model normalises pixels itself and the trainer standardises targets, so nothing here depends
+on the backbone or on training statistics.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from .images import UnreadableImageError, load_rgb
+
+if TYPE_CHECKING:
+    from .cache import DecodedCache
+
+
+class ImageRegressionDataset(Dataset):
+    """(uint8 image (3, S, S), target, index) items. A file that cannot be decoded yields its
+    error message instead, so the main process decides whether to stop or skip (workers cannot).
+
+    Indexed by `i` (the plain centre square) or by `(i, seed)` from `SeededSampler`: the
+    augmentation of a sample then depends only on that seed, not on worker count or history,
+    which makes a resumed run see exactly the images an uninterrupted one would.
+    """
+
+    def __init__(
+        self,
+        paths: list[Path],
+        targets: list[float],
+        image_size: int,
+        augment: bool = False,
+        cache: DecodedCache | None = None,
+    ):
+        self.paths = paths
+        self.targets = targets
+        self.image_size = image_size
+        self.augment = augment
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, float, int] | str:
+        i, seed = key if isinstance(key, tuple) else (key, None)
+        try:
+            if self.cache is not None:
+                image = self.cache.get(i, self.paths[i], self.image_size)
+            else:
+                image = decode_square(self.paths[i], self.image_size)
+        except UnreadableImageError as e:
+            return str(e)
+        if self.augment and seed is not None:
+            image = random_shift_flip(image, self.image_size, torch.Generator().manual_seed(seed))
+        return image, self.targets[i], i
+
+
+def random_shift_flip(image: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Random crop of `size` after reflect-padding by size/16, and a random mirror.
+
+    Shifts and mirror images only: scale or colour changes could change the label (a bigger or
+    more golden puppy is a heavier one).
+    """
+    pad = max(1, size // 16)
+    image = torch.nn.functional.pad(image[None].float(), (pad, pad, pad, pad), mode="reflect")[0].to(torch.uint8)
+    h, w = image.shape[-2:]
+    top = int(torch.randint(0, h - size + 1, (1,), generator=generator))
+    left = int(torch.randint(0, w - size + 1, (1,), generator=generator))
+    image = image[:, top : top + size, left : left + size]
+    if bool(torch.rand((), generator=generator) < 0.5):
+        image = image.flip(-1)
+    return image
+
+
+class SeededSampler(torch.utils.data.Sampler):
+    """Yields `(index, sample_seed)`; the order and seeds depend only on (seed, epoch).
+
+    With `world_size > 1` each rank gets its own interleaved share of the same permutation,
+    padded to equal length, as torch's DistributedSampler does.
+    """
+
+    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1):
+        self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.world_size)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))
+        seeds = torch.randint(0, 2**62, (self.n,), generator=g).tolist()
+        total = len(self) * self.world_size
+        order = (order * math.ceil(total / max(1, self.n)))[:total]
+        for i in order[self.rank :: self.world_size]:
+            yield i, seeds[i]
+
+
+def decode_square(path: Path, size: int) -> torch.Tensor:
+    """Decode an image, resize its shorter side to `size` and take the centre square: uint8 (3, S, S).
+    This is all the per-image work that does not change between epochs (what the caches keep)."""
+    image = load_rgb(path, draft_size=size)
+    w, h = image.size
+    scale = size / min(w, h)
+    new = (max(size, round(w * scale)), max(size, round(h * scale)))
+    left, top = (new[0] - size) // 2, (new[1] - size) // 2
+    if new != (w, h):
+        # resize straight to the crop box: one resampling pass, and only over the pixels kept
+        box = (left / scale, top / scale, (left + size) / scale, (top + size) / scale)
+        image = image.resize((size, size), Image.BILINEAR, box=box, reducing_gap=3.0)
+    else:
+        image = image.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
+
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor
+    """uint8 (N, 3, S, S)."""
+    targets: torch.Tensor
+    """float64 (N,), target units (NaN when unlabelled)."""
+    indices: torch.Tensor
+    """int64 (N,): each image's index in the dataset."""
+    skipped: list[str]
+    """Error messages of the images in this batch that could not be decoded."""
+
+    def pin_memory(self) -> Batch:
+        self.images = self.images.pin_memory()
+        self.targets = self.targets.pin_memory()
+        return self
+
+
+def collate(items: list[tuple[torch.Tensor, float, int] | str]) -> Batch:
+    good = [item for item in items if not isinstance(item, str)]
+    skipped = [item for item in items if isinstance(item, str)]
+    if not good:
+        return Batch(torch.empty(0, 3, 1, 1, dtype=torch.uint8), torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.int64), skipped)
+    images = torch.stack([g[0] for g in good])
+    targets = torch.tensor([g[1] for g in good], dtype=torch.float64)
+    indices = torch.tensor([g[2] for g in good], dtype=torch.int64)
+    return Batch(images, targets, indices, skipped)
+
+
+def resolve_num_workers(setting: int | str) -> int:
+    """`auto`: one worker per available core, at most 8; decoding overlaps the model step."""
+    if setting != "auto":
+        return int(setting)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    return min(8, cores)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    sampler: torch.utils.data.Sampler | None = None,
+    drop_last: bool = False,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A batched loader of `Batch`es; workers stay alive across epochs."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
