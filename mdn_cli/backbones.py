@@ -172,3 +172,31 @@ def _set_module(model: nn.Module, dotted: str, new: nn.Module) -> nn.Module:
     else:
         setattr(parent, child, new)
     return old
+
+
+def check_image_size(name: str, size: int) -> None:
+    """Refuse an input size the backbone cannot run at (its feature maps would shrink to nothing),
+    naming the smallest size that works. Runs the network on shape-only tensors (the meta device):
+    no weights, no compute."""
+    spec = get_backbone(name)
+
+    try:
+        with torch.device("meta"):
+            module = spec.build(False)[0].eval()
+    except Exception:  # noqa: BLE001 - a backbone that cannot be built on the meta device: no check
+        return
+
+    def runs(side: int) -> bool:
+        try:
+            module(torch.zeros(2, 3, side, side, device="meta"))
+            return True
+        except NotImplementedError:  # an operation without a meta kernel: cannot tell, do not refuse
+            return True
+        except (RuntimeError, ValueError, IndexError):
+            return False
+
+    if runs(size):
+        return
+    smallest = next((s for s in (24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512) if s > size and runs(s)), None)
+    hint = f"use data.image_size: {smallest} or more" if smallest else "use a larger data.image_size"
+    raise ModelError(f"data.image_size: {size} px is too small for {name} (its feature maps shrink to nothing); {hint}")

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from .dataset import decode_square
+from .errors import DataError
+from .files import atomic_writer
 
 
 def cache_directory(setting: str | None) -> Path:
@@ -21,23 +25,33 @@ def cache_directory(setting: str | None) -> Path:
 class DecodedCache:
     """Decoded, resized images kept across epochs (`data.cache`), so later epochs skip decoding.
 
-    memory: one shared uint8 tensor (N, 3, S, S) that DataLoader workers fill in place.
+    memory: one uint8 tensor (N, 3, S, S) in shared memory that DataLoader workers fill in place;
+            under torchrun, one per machine that all its processes fill (`allocate`).
     disk:   one raw file per image under `directory`, named by a hash of the file's path, size
             and mtime and the resize settings: survives restarts, rebuilt when a file changes.
     """
 
     VERSION = 1  # bump when decode_square changes
 
-    def __init__(self, mode: str, n: int, size: int, directory: Path | None = None):
+    def __init__(
+        self,
+        mode: str,
+        n: int,
+        size: int,
+        directory: Path | None = None,
+        allocate: Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor] | None = None,
+        name: str = "images",
+    ):
         self.mode, self.size = mode, size
         if mode == "memory":
-            self.images = torch.zeros((n, 3, size, size), dtype=torch.uint8).share_memory_()
-            self.filled = torch.zeros(n, dtype=torch.bool).share_memory_()
+            allocate = allocate or (lambda _, shape, dtype: torch.zeros(shape, dtype=dtype).share_memory_())
+            self.images = allocate(f"{name}-{size}px", (n, 3, size, size), torch.uint8)
+            self.filled = allocate(f"{name}-{size}px-filled", (n,), torch.uint8)
         elif mode == "disk":
             if directory is None:
                 raise ValueError("a disk cache needs a directory")
             self.directory = Path(directory)
-            self.directory.mkdir(parents=True, exist_ok=True)
+            _check_writable_folder(self.directory)
         else:
             raise ValueError(mode)
 
@@ -45,7 +59,7 @@ class DecodedCache:
         if self.mode == "memory":
             if not self.filled[i]:
                 self.images[i] = decode_square(path, size)
-                self.filled[i] = True
+                self.filled[i] = 1
             return self.images[i].clone()
         return self._disk_get(path, size)
 
@@ -64,11 +78,22 @@ class DecodedCache:
         except OSError:
             pass
         image = decode_square(path, size)
-        tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
         try:
-            tmp.write_bytes(image.numpy().tobytes())
-            os.replace(tmp, file)
-        except OSError:  # a full or read-only cache folder only costs speed
-            tmp.unlink(missing_ok=True)
+            with atomic_writer(file, "wb", durable=False) as f:
+                f.write(image.numpy().tobytes())
+        except OSError:  # a full cache folder only costs speed
+            pass
         return image
+
+
+def _check_writable_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise DataError(
+            f"data.cache_dir: {folder} is not a writable folder ({e.strerror or type(e).__name__}); "
+            "point data.cache_dir at a folder you can write to, or set data.cache: memory or none"
+        ) from None
 

@@ -13,7 +13,6 @@ A checkpoint is a dict of plain data and tensors:
 
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -22,24 +21,20 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError
+from .files import atomic_writer
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "config", "model_args", "target_scaler", "model")
 
 
 def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
-    """Write to a temp file in the same folder, fsync, then os.replace: a crash leaves either the
-    previous complete file or the new complete file, never a torn one."""
+    """Write atomically (temp file, fsync, rename): a crash leaves either the previous complete
+    file or the new complete file, never a torn one."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with atomic_writer(path, "wb") as f:
             torch.save({"format_version": FORMAT_VERSION, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise CheckpointError(f"{path}: cannot write checkpoint ({e.strerror or e}); the previous file is intact") from None
 
 

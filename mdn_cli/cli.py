@@ -59,8 +59,15 @@ def train(
 ) -> None:
     """Train a backbone + MDN head; writes config.yaml, splits.csv, metrics.csv, last.pt and best.pt
     to run.out_dir/run.name."""
+    import signal
+
     from .config import load_config
 
+    def terminated(signum, frame):  # SIGTERM (schedulers, docker stop) ends the run like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminated)
+    cfg = None
     try:
         cfg = load_config(config, set_ or [])
         from .train import train as run_training
@@ -70,11 +77,26 @@ def train(
         raise fail(str(e), e.exit_code) from None
     except KeyboardInterrupt:
         extra = "".join(f" --set {s}" for s in set_ or [])
-        raise fail(
-            f"interrupted; last.pt in the run folder holds the last completed epoch. "
-            f"Continue with: mdn train {config}{extra} --resume",
-            EXIT_INTERRUPTED,
-        ) from None
+        last = Path(cfg.run.out_dir) / cfg.run.name / "last.pt" if cfg is not None else None
+        if last is not None and last.is_file():
+            hint = f"{last} holds the last completed epoch. Continue with: mdn train {config}{extra} --resume"
+        else:
+            hint = f"no epoch was completed, so there is nothing to resume. Start again with: mdn train {config}{extra}"
+        raise fail(f"interrupted; {hint}", EXIT_INTERRUPTED) from None
+
+
+def _levels(text: str | None) -> tuple[float, ...]:
+    from .calibration import DEFAULT_LEVELS
+
+    if text is None:
+        return DEFAULT_LEVELS
+    try:
+        levels = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        levels = ()
+    if not levels or not all(0.0 < v < 1.0 for v in levels):
+        raise fail(f"--levels: expected probabilities between 0 and 1 separated by commas, such as 0.5,0.8,0.9 (got {text!r})")
+    return tuple(sorted(set(levels)))
 
 
 @app.command()
@@ -90,6 +112,10 @@ def predict(
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
+    levels: Annotated[
+        str | None, typer.Option("--levels", help="Central interval levels, comma-separated (default: 0.6827,0.95).")
+    ] = None,
+    precision: Annotated[str, typer.Option(help="fp32 (default), or bf16 / fp16 on a CUDA GPU: faster, slightly less exact.")] = "fp32",
 ) -> None:
     """Predict a distribution per image: mean, std, median, mode, 68% and 95% intervals, and the
     mixture components. Exit code 1 when some inputs could not be read (the rest are still predicted)."""
@@ -120,7 +146,8 @@ def predict(
             skipped.append(message)
             typer.secho(f"skipped: {message}", err=True, fg=typer.colors.YELLOW)
 
-        predictions, mixture = predict_images(paths, checkpoint, device=device, batch_size=batch_size, on_skip=on_skip)
+        predictions, mixture = predict_images(paths, checkpoint, device=device, batch_size=batch_size, on_skip=on_skip,
+                                              levels=_levels(levels), precision=precision)
         if predictions:
             write_output(format_predictions(predictions, format), output)
         if plot is not None and predictions:
@@ -145,15 +172,26 @@ def evaluate(
         typer.Option("--data", help="A labels CSV in the training format (image paths relative to its folder); default: the run's own split."),
     ] = None,
     split: Annotated[
-        str | None, typer.Option("--split", help="train, val or test (default: test of the run's splits.csv; all rows of --data).")
+        str | None,
+        typer.Option("--split", help="train, val, calibration or test (default: test of the run's splits.csv; all rows of --data)."),
     ] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output folder (default: the run's eval/).")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Output folder (default: eval/ for the run's test split, else eval-NAME/).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace results of other inputs in the output folder.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    levels: Annotated[
+        str | None, typer.Option("--levels", help="Central interval levels, comma-separated (default: 0.6827,0.95).")
+    ] = None,
+    precision: Annotated[str, typer.Option(help="fp32 (default), or bf16 / fp16 on a CUDA GPU.")] = "fp32",
 ) -> None:
-    """Score a checkpoint on labelled images: NLL, CRPS, MAE/RMSE, interval coverage and width,
-    calibration error; writes metrics.json, predictions.csv and diagnostic plots."""
-    if split is not None and split not in ("train", "val", "test"):
-        raise fail(f"--split must be train, val or test (got {split!r})")
+    """Score a checkpoint on labelled images: NLL, CRPS, MAE/RMSE, interval coverage, width and
+    interval score (also by decile of the true value and of the predicted std), calibration error;
+    writes metrics.json, predictions.csv and diagnostic plots."""
+    from .labels import SPLITS
+
+    if split is not None and split not in SPLITS:
+        raise fail(f"--split must be one of {', '.join(SPLITS)} (got {split!r})")
     try:
         from .evaluate import evaluate as run_evaluation
         from .evaluate import format_metrics
@@ -165,6 +203,7 @@ def evaluate(
         evaluation, out, described = run_evaluation(
             checkpoint, data, split, output, device,
             on_skip=lambda message: typer.secho(f"skipped: {message}", err=True, fg=typer.colors.YELLOW),
+            overwrite=overwrite, levels=_levels(levels), precision=precision,
         )
     except MdnError as e:
         raise fail(str(e), e.exit_code) from None

@@ -36,7 +36,8 @@ class RunConfig(_Section):
     out_dir: str = "runs"
     """Folder that holds one sub-folder per run."""
     seed: int = Field(0, ge=0)
-    """Seed for the split, initialisation, shuffling and augmentation (reproducible on CPU)."""
+    """Seed for initialisation, shuffling, augmentation and dropout (reproducible on CPU); the split
+    has its own seed, data.split_seed."""
     device: str = "auto"
     """auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps."""
 
@@ -58,19 +59,28 @@ class DataConfig(_Section):
     target_column: str = "target"
     """Column with the numeric target."""
     split_column: str | None = "split"
-    """Optional column with train/val/test; when absent from the file a seeded random split is made."""
+    """Optional column with train/val/calibration/test; when absent from the file each image is
+    assigned by a stable hash of its path (see splits.py)."""
     val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
-    """Fraction of images for validation when the split is random."""
+    """Fraction of images for validation (epoch selection, early stopping, std scale) when the split is random."""
+    calibration_fraction: float = Field(0.10, ge=0.0, lt=1.0)
+    """Fraction of images that only calibrate the intervals, when the split is random."""
     test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     """Fraction of images for the test set when the split is random."""
+    split_seed: int = Field(0, ge=0)
+    """Seed of the random split; keep it fixed across ensemble members so they share their splits."""
     image_size: int | None = Field(None, ge=16, le=1024)
     """Side of the square network input in pixels; default: the backbone's own."""
     target_transform: Literal["none", "log"] = "none"
     """`log` makes the model work on log(target) (positive targets whose spread grows with size)."""
     on_bad_image: Literal["error", "skip"] = "error"
     """What to do with an image that cannot be decoded: stop, or skip it (listed in skipped.txt)."""
-    augment: bool = True
-    """Train-time flips and small shifts (never a transform that would change the label)."""
+    flip: bool = True
+    """Train-time horizontal mirror images. Unsafe for targets that change under a mirror image:
+    angles, left/right positions, handedness."""
+    shift: bool = True
+    """Train-time shifts by up to 1/16 of the side, border pixels repeated into the gap. Unsafe for
+    targets that are absolute positions in the image."""
     cache: Literal["none", "memory", "disk"] = "none"
     """Keep decoded, resized images across epochs: in shared memory, or on disk across runs."""
     cache_dir: str | None = None
@@ -87,9 +97,10 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:
-        if self.val_fraction + self.test_fraction >= 1.0:
+        if self.val_fraction + self.calibration_fraction + self.test_fraction >= 1.0:
             raise ValueError(
-                "data.val_fraction + data.test_fraction must be below 1 so that some images are left to train on"
+                "data.val_fraction + data.calibration_fraction + data.test_fraction must be below 1 "
+                "so that some images are left to train on"
             )
         return self
 
@@ -120,7 +131,8 @@ class TrainConfig(_Section):
     grad_clip: float | None = Field(5.0, gt=0.0)
     """Max global gradient norm (null disables clipping)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """auto: bf16 on CUDA where supported, else fp16; fp32 on CPU and MPS."""
+    """auto: bf16 on CUDA GPUs with native bf16, fp16 with a gradient scaler on older ones
+    (V100, T4); fp32 on CPU and MPS. The MDN head and the loss always run in fp32."""
     compile: bool = False
     """torch.compile the model (worth it on GPUs for long runs); falls back to eager with a warning."""
     early_stopping_patience: int | None = Field(5, ge=1)
@@ -129,9 +141,13 @@ class TrainConfig(_Section):
     """Train the head alone (on cached backbone features) for this many epochs, then the whole network."""
     backbone_lr_scale: float = Field(1.0, gt=0.0, le=1.0)
     """The backbone's learning rate is lr times this (pretrained weights want a gentler update)."""
-    calibration: Literal["none", "scale", "conformal"] = "scale"
-    """After training, on the val split: scale = one factor on all component stds by NLL; conformal =
-    that plus split-conformal 68%/95% intervals (guaranteed coverage); none = off."""
+    extend_lr_scale: float = Field(0.3, gt=0.0, le=1.0)
+    """Raising train.epochs on --resume adds a warm restart: a short warm-up to lr times this, then
+    cosine decay to zero over the added epochs."""
+    calibration: Literal["none", "scale", "conformal"] = "conformal"
+    """After training: scale = one factor on all component stds fitted on the val split;
+    conformal = that, then interval levels fitted on the calibration split (a coverage
+    guarantee); none = off."""
 
 
 class Config(_Section):

@@ -24,13 +24,26 @@ if TYPE_CHECKING:
     from .cache import DecodedCache
 
 
+@dataclass(frozen=True)
+class Augment:
+    """Train-time augmentation (`data.flip`, `data.shift`). Never scale or colour: a bigger or more
+    golden puppy is a heavier one."""
+
+    flip: bool = False
+    shift: bool = False
+
+    def __bool__(self) -> bool:
+        return self.flip or self.shift
+
+
 class ImageRegressionDataset(Dataset):
-    """(uint8 image (3, S, S), target, index) items. A file that cannot be decoded yields its
+    """(uint8 image (3, S, S), target, index, seed) items. A file that cannot be decoded yields its
     error message instead, so the main process decides whether to stop or skip (workers cannot).
 
-    Indexed by `i` (the plain centre square) or by `(i, seed)` from `SeededSampler`: the
-    augmentation of a sample then depends only on that seed, not on worker count or history,
-    which makes a resumed run see exactly the images an uninterrupted one would.
+    Indexed by `i` (the plain centre square, seed -1) or by `(i, seed)` from `SeededSampler`: the
+    augmentation (and the trainer's dropout) of a sample then depends only on that seed, not on
+    worker count, process count or history, which makes a resumed or multi-process run see
+    exactly the images an uninterrupted single process would.
     """
 
     def __init__(
@@ -38,7 +51,7 @@ class ImageRegressionDataset(Dataset):
         paths: list[Path],
         targets: list[float],
         image_size: int,
-        augment: bool = False,
+        augment: Augment = Augment(),
         cache: DecodedCache | None = None,
     ):
         self.paths = paths
@@ -50,8 +63,8 @@ class ImageRegressionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, float, int] | str:
-        i, seed = key if isinstance(key, tuple) else (key, None)
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, float, int, int] | str:
+        i, seed = key if isinstance(key, tuple) else (key, -1)
         try:
             if self.cache is not None:
                 image = self.cache.get(i, self.paths[i], self.image_size)
@@ -59,26 +72,24 @@ class ImageRegressionDataset(Dataset):
                 image = decode_square(self.paths[i], self.image_size)
         except UnreadableImageError as e:
             return str(e)
-        if self.augment and seed is not None:
-            image = random_shift_flip(image, self.image_size, torch.Generator().manual_seed(seed))
-        return image, self.targets[i], i
+        if self.augment and seed >= 0:
+            image = augment_image(image, self.augment, torch.Generator().manual_seed(seed))
+        return image, self.targets[i], i, seed
 
 
-def random_shift_flip(image: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """Random crop of `size` after reflect-padding by size/16, and a random mirror.
-
-    Shifts and mirror images only: scale or colour changes could change the label (a bigger or
-    more golden puppy is a heavier one).
-    """
-    pad = max(1, size // 16)
-    image = torch.nn.functional.pad(image[None].float(), (pad, pad, pad, pad), mode="reflect")[0].to(torch.uint8)
-    h, w = image.shape[-2:]
-    top = int(torch.randint(0, h - size + 1, (1,), generator=generator))
-    left = int(torch.randint(0, w - size + 1, (1,), generator=generator))
-    image = image[:, top : top + size, left : left + size]
-    if bool(torch.rand((), generator=generator) < 0.5):
+def augment_image(image: torch.Tensor, augment: Augment, generator: torch.Generator) -> torch.Tensor:
+    """A random shift by up to size/16 pixels each way (the gap filled by repeating the border
+    pixels: reflecting them would mirror whatever sits at the edge into a second copy), then a
+    random mirror image."""
+    if augment.shift:
+        size = image.shape[-1]
+        pad = max(1, size // 16)
+        padded = torch.nn.functional.pad(image[None].float(), (pad, pad, pad, pad), mode="replicate")[0].to(torch.uint8)
+        top, left = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=generator))
+        image = padded[:, top : top + size, left : left + size]
+    if augment.flip and bool(torch.rand((), generator=generator) < 0.5):
         image = image.flip(-1)
-    return image
+    return image.contiguous()
 
 
 class SeededSampler(torch.utils.data.Sampler):
@@ -135,6 +146,8 @@ class Batch:
     """float64 (N,), target units (NaN when unlabelled)."""
     indices: torch.Tensor
     """int64 (N,): each image's index in the dataset."""
+    seeds: torch.Tensor
+    """int64 (N,): each sample's seed from SeededSampler (-1 outside training)."""
     skipped: list[str]
     """Error messages of the images in this batch that could not be decoded."""
 
@@ -144,15 +157,17 @@ class Batch:
         return self
 
 
-def collate(items: list[tuple[torch.Tensor, float, int] | str]) -> Batch:
+def collate(items: list[tuple[torch.Tensor, float, int, int] | str]) -> Batch:
     good = [item for item in items if not isinstance(item, str)]
     skipped = [item for item in items if isinstance(item, str)]
     if not good:
-        return Batch(torch.empty(0, 3, 1, 1, dtype=torch.uint8), torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.int64), skipped)
-    images = torch.stack([g[0] for g in good])
+        empty = torch.empty(0, dtype=torch.int64)
+        return Batch(torch.empty(0, 3, 1, 1, dtype=torch.uint8), torch.empty(0, dtype=torch.float64), empty, empty, skipped)
+    images = torch.stack([g[0] for g in good])  # (N, 3, S, S) images, or (N, D) cached backbone features
     targets = torch.tensor([g[1] for g in good], dtype=torch.float64)
     indices = torch.tensor([g[2] for g in good], dtype=torch.int64)
-    return Batch(images, targets, indices, skipped)
+    seeds = torch.tensor([g[3] for g in good], dtype=torch.int64)
+    return Batch(images, targets, indices, seeds, skipped)
 
 
 def resolve_num_workers(setting: int | str) -> int:
@@ -170,11 +185,16 @@ def make_loader(
     dataset: Dataset,
     batch_size: int,
     num_workers: int,
-    sampler: torch.utils.data.Sampler | None = None,
+    sampler: torch.utils.data.Sampler | list[int] | None = None,
     drop_last: bool = False,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """A batched loader of `Batch`es; workers stay alive across epochs."""
+    """A batched loader of `Batch`es; workers stay alive across epochs.
+
+    It has its own generator: a DataLoader without one draws its workers' base seed from the
+    global RNG each time it starts an iterator, and with persistent workers that happens in the
+    first epoch of a process only, which made a resumed run's dropout differ from an
+    uninterrupted one's."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -185,4 +205,5 @@ def make_loader(
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(0),
     )

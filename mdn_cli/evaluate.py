@@ -1,14 +1,13 @@
 """`mdn evaluate`: score a checkpoint on labelled images (its own test split by default).
 
-Writes metrics.json, predictions.csv and three plots (reliability diagram, PIT histogram,
-predicted vs true with 95% intervals) to the output folder.
+Writes metrics.json, predictions.csv and four plots (reliability of the reported intervals, PIT
+histogram, predicted vs true, coverage by decile of the true value and of the predicted std).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +16,13 @@ import torch
 
 from . import metrics
 from . import mixture as mx
-from .calibration import NOMINAL_PROBS
-from .dataset import ImageRegressionDataset, make_loader, resolve_num_workers
+from .calibration import DEFAULT_LEVELS, Calibration, level_key
 from .errors import DataError
-from .inference import Predictor, run_model
+from .files import atomic_writer, write_text_atomic
+from .inference import Predictor
 from .labels import Example, read_labels
 from .runtime import Runtime, select_runtime
+from .splits import SPLITS_FILE, read_splits
 
 TRUTH_FILE = "truth.csv"
 
@@ -30,12 +30,19 @@ TRUTH_FILE = "truth.csv"
 @dataclass
 class Evaluation:
     metrics: dict
-    """Scores of the calibrated model, plus `uncalibrated` and `oracle` sub-dicts where they apply."""
+    """Scores as reported (calibrated), plus `uncalibrated`, `oracle` and `conditional` where they apply."""
     examples: list[Example]
     """The scored examples (images that decoded), in order."""
     mixture: mx.Mixture
-    interval_probs: tuple[float, float, float, float] = NOMINAL_PROBS
-    """CDF levels of the 68% and 95% interval ends (moved by conformal calibration)."""
+    """The predicted mixtures with the std scale applied."""
+    raw: mx.Mixture
+    """The same without any calibration."""
+    calibration: Calibration
+    levels: tuple[float, ...] = DEFAULT_LEVELS
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return torch.tensor([e.target for e in self.examples], dtype=torch.float64)
 
 
 def examples_for(
@@ -45,25 +52,28 @@ def examples_for(
 
     Default: the `split` rows of the run's splits.csv, with images under the training data root.
     With `data`: every row of that labels CSV (image paths relative to its folder), filtered by
-    its split column when `split` is given and the column exists."""
+    its split column when `split` is given."""
     d = checkpoint_config["data"]
     transform = d["target_transform"]
     if data is None:
-        splits_file = run_dir / "splits.csv"
+        splits_file = run_dir / SPLITS_FILE
         if not splits_file.is_file():
             raise DataError(f"{splits_file}: not found; evaluate needs the run folder of the checkpoint, or pass --data LABELS.csv")
         split = split or "test"
-        examples = read_labels(splits_file, Path(d["root"]), "image", "target", "split", transform)
-        chosen = [e for e in examples if e.split == split]
+        chosen = [e for e in read_splits(splits_file, Path(d["root"]), transform) if e.split == split]
         if not chosen:
-            raise DataError(f"{splits_file}: the run has no '{split}' images; choose --split train|val|test or pass --data")
-        return chosen, Path(d["root"]), f"{len(chosen)} {split} images of {run_dir}"
-    examples = read_labels(data, data.parent, d["image_column"], d["target_column"], d["split_column"], transform)
-    if split is not None and examples[0].split is not None:
+            raise DataError(f"{splits_file}: the run has no '{split}' images; choose another --split or pass --data")
+        return chosen, Path(d["root"]), f"the {len(chosen)} {split} images of {run_dir}"
+    examples = read_labels(data, data.parent, d["image_column"], d["target_column"], d["split_column"], transform).examples
+    if split is not None:
+        if examples[0].split is None:
+            raise DataError(f"{data}: --split {split} asks for a split column ('{d['split_column']}'), which this file does not have; "
+                            "leave --split out to score every row")
         examples = [e for e in examples if e.split == split]
         if not examples:
             raise DataError(f"{data}: no rows with split '{split}'")
-    return examples, data.parent, f"{len(examples)} images of {data}"
+        return examples, data.parent, f"the {len(examples)} {split} images of {data}"
+    return examples, data.parent, f"the {len(examples)} images of {data}"
 
 
 def score_examples(
@@ -71,28 +81,35 @@ def score_examples(
     examples: list[Example],
     root: Path,
     runtime: Runtime,
-    batch_size: int = 64,
     num_workers: int | str = "auto",
     on_skip: Callable[[str], None] = print,
+    levels: tuple[float, ...] = DEFAULT_LEVELS,
 ) -> Evaluation:
-    """Predict every example and score the predictions (calibrated and, if different, uncalibrated)."""
-    dataset = ImageRegressionDataset([e.path for e in examples], [e.target for e in examples], predictor.model.args.image_size)
-    loader = make_loader(dataset, batch_size, resolve_num_workers(num_workers), pin_memory=runtime.pin_memory)
-    outputs = run_model(predictor.model, loader, runtime, on_skip)
+    """Predict every example and score the predictions: as reported (calibrated), and before any
+    calibration, and against the true distribution when the data has one (toy data)."""
+    outputs = predictor.run([e.path for e in examples], runtime, [e.target for e in examples], num_workers=num_workers,
+                            on_skip=on_skip)
     if outputs.targets.numel() == 0:
         raise DataError("no image could be read, nothing to score")
     kept = [examples[i] for i in outputs.indices.tolist()]
-    m = predictor.mixture(outputs)
-    result = metrics.score(m, outputs.targets, predictor.interval_probs)
-    if predictor.sigma_scale != 1.0 or predictor.interval_probs != NOMINAL_PROBS:
-        result["uncalibrated"] = metrics.score(predictor.mixture(outputs, calibrated=False), outputs.targets)
+    y = outputs.targets
+    m, raw = predictor.mixture(outputs), predictor.mixture(outputs, calibrated=False)
+    calibration = predictor.calibration
+    result = metrics.score(m, y, calibration, levels)
+    result["calibration"] = calibration.describe(levels)
+    if calibration.method != "none":
+        result["uncalibrated"] = metrics.score(raw, y, Calibration(), levels)
+    result["conditional"] = {
+        "by_target": metrics.conditional_coverage(m, y, calibration, y, levels=levels),
+        "by_predicted_std": metrics.conditional_coverage(m, y, calibration, mx.std(m), levels=levels),
+    }
     oracle = oracle_mixture(kept, root)
     if oracle is not None:
         result["oracle"] = {
-            "nll": float(-mx.log_prob(oracle, outputs.targets).mean()),
-            "crps": float(mx.crps(oracle, outputs.targets).mean()),
+            "nll": float(-mx.log_prob(oracle, y).mean()),
+            "crps": float(mx.crps(oracle, y).mean()),
         }
-    return Evaluation(result, kept, m, predictor.interval_probs)
+    return Evaluation(result, kept, m, raw, calibration, levels)
 
 
 def oracle_mixture(examples: list[Example], root: Path) -> mx.Mixture | None:
@@ -113,6 +130,14 @@ def oracle_mixture(examples: list[Example], root: Path) -> mx.Mixture | None:
     return mx.Mixture(cols("weight"), cols("mean"), cols("std"), "none")
 
 
+def default_output(run_dir: Path, data: Path | None, split: str | None) -> Path:
+    """eval/ for the run's test split (what training writes), eval-SPLIT/ for its other splits,
+    eval-NAME/ for another labels file."""
+    if data is None:
+        return run_dir / ("eval" if split in (None, "test") else f"eval-{split}")
+    return run_dir / f"eval-{data.stem}{f'-{split}' if split else ''}"
+
+
 def evaluate(
     checkpoint: Path,
     data: Path | None = None,
@@ -122,74 +147,99 @@ def evaluate(
     num_workers: int | str = "auto",
     plots: bool = True,
     on_skip: Callable[[str], None] = print,
+    overwrite: bool = False,
+    levels: tuple[float, ...] = DEFAULT_LEVELS,
+    precision: str = "fp32",
 ) -> tuple[Evaluation, Path, str]:
-    """Score `checkpoint`; write metrics.json, predictions.csv and plots to `output` (default: the
-    run's eval/ folder). Returns the evaluation, the output folder and what was scored."""
-    runtime = select_runtime(device)
+    """Score `checkpoint`; write metrics.json, predictions.csv and plots to `output` (default: see
+    `default_output`). Results of other inputs already there are never replaced unless `overwrite`.
+    Returns the evaluation, the output folder and what was scored."""
+    runtime = select_runtime(device, precision, what="--precision")
     predictor, ckpt = Predictor.from_checkpoint(checkpoint, runtime)
     run_dir = Path(checkpoint).parent
     examples, root, described = examples_for(ckpt["config"], run_dir, data, split)
-    evaluation = score_examples(predictor, examples, root, runtime, num_workers=num_workers, on_skip=on_skip)
-    output = output or run_dir / "eval"
+    output = output or default_output(run_dir, data, split)
+    header = {"checkpoint": str(Path(checkpoint).resolve()), "data": described}
+    _check_output(output, header, overwrite)
+    evaluation = score_examples(predictor, examples, root, runtime, num_workers=num_workers, on_skip=on_skip, levels=levels)
     try:
         output.mkdir(parents=True, exist_ok=True)
-        _write_json(output / "metrics.json", {"checkpoint": str(checkpoint), "data": described, **evaluation.metrics})
+        write_text_atomic(output / "metrics.json", json.dumps({**header, **evaluation.metrics}, indent=2) + "\n")
         _write_predictions(output / "predictions.csv", evaluation)
         if plots:
             from .plots import evaluation_plots
 
-            evaluation_plots(evaluation.mixture, torch.tensor([e.target for e in evaluation.examples]), output, evaluation.interval_probs[2:])
+            evaluation_plots(evaluation, output)
     except OSError as e:
         raise DataError(f"{output}: cannot write evaluation results ({e.strerror})") from None
     return evaluation, output, described
 
 
+def _check_output(output: Path, header: dict, overwrite: bool) -> None:
+    """Refuse to replace the results of another checkpoint or other data without --overwrite."""
+    if output.exists() and not output.is_dir():
+        raise DataError(f"{output}: exists and is not a folder; choose another --output")
+    existing = output / "metrics.json"
+    if overwrite or not existing.is_file():
+        return
+    try:
+        previous = json.loads(existing.read_text(encoding="utf-8"))
+        same = {k: previous.get(k) for k in header} == header
+    except (OSError, ValueError, AttributeError):
+        same = False
+    if not same:
+        raise DataError(
+            f"{output} already holds results for other inputs ({existing}); pass --output to write elsewhere, "
+            "or --overwrite to replace them"
+        )
+
+
 def format_metrics(result: dict) -> str:
-    """A readable table of the metrics (calibrated, and before calibration / oracle when present)."""
+    """A readable table of the metrics (as reported, before calibration, oracle), with the binomial
+    standard error of each coverage, then coverage by decile of the predicted std."""
     columns = [("model", result)]
     if "uncalibrated" in result:
         columns = [("calibrated", result), ("uncalibrated", result["uncalibrated"])]
     if "oracle" in result:
         columns.append(("oracle", result["oracle"]))
-    rows = [
-        ("NLL (nats/sample)", "nll"),
-        ("CRPS", "crps"),
-        ("MAE of mean", "mae_mean"),
-        ("RMSE of mean", "rmse_mean"),
-        ("MAE of median", "mae_median"),
-        ("RMSE of median", "rmse_median"),
-        ("68% coverage", "coverage_68"),
-        ("68% mean width", "width_68"),
-        ("95% coverage", "coverage_95"),
-        ("95% mean width", "width_95"),
-        ("calibration error", "calibration_error"),
-    ]
+    keys = [k.removeprefix("coverage_") for k in result if k.startswith("coverage_")]
+    rows = [("NLL (nats/image)", "nll"), ("CRPS", "crps"), ("MAE of mean", "mae_mean"), ("RMSE of mean", "rmse_mean"),
+            ("MAE of median", "mae_median"), ("RMSE of median", "rmse_median")]
+    for k in keys:
+        rows += [(f"{k}% coverage", f"coverage_{k}"), (f"{k}% mean width", f"width_{k}"), (f"{k}% interval score", f"winkler_{k}")]
+    rows.append(("calibration error", "calibration_error"))
     width = max(len(r[0]) for r in rows)
-    lines = [f"{'metric'.ljust(width)}  " + "  ".join(f"{name:>12}" for name, _ in columns)]
-    for label, key in rows:
-        cells = [f"{c[key]:>12.4f}" if key in c else f"{'':>12}" for _, c in columns]
-        lines.append(f"{label.ljust(width)}  " + "  ".join(cells))
-    lines.append(f"{'images'.ljust(width)}  {result['n']:>12d}")
+    n = result["n"]
+
+    def cell(c: dict, key: str) -> str:
+        if key not in c:
+            return f"{'':>18}"
+        if key.startswith("coverage_"):
+            return f"{c[key]:>9.4f} ± {metrics.binomial_se(c[key], n):.4f}"
+        return f"{c[key]:>18.4f}"
+
+    lines = [f"{'metric'.ljust(width)}  " + "  ".join(f"{name:>18}" for name, _ in columns)]
+    lines += [f"{label.ljust(width)}  " + "  ".join(cell(c, key) for _, c in columns) for label, key in rows]
+    lines.append(f"{'images'.ljust(width)}  {n:>18d}")
+    if "calibration" in result:
+        lines.append(f"intervals: {result['calibration']['guarantee']}")
+    by_std = result.get("conditional", {}).get("by_predicted_std", [])
+    for k in keys:
+        if by_std:
+            values = " ".join(f"{row[f'coverage_{k}']:.2f}" for row in by_std)
+            lines.append(f"{k}% coverage by decile of predicted std (lowest first): {values}")
     return "\n".join(lines) + "\n"
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _write_predictions(path: Path, evaluation: Evaluation) -> None:
-    m, examples = evaluation.mixture, evaluation.examples
-    y = torch.tensor([e.target for e in examples], dtype=torch.float64)
+    m, examples, y = evaluation.mixture, evaluation.examples, evaluation.targets
     mean, std, median = mx.mean(m), mx.std(m), mx.median(m)
-    q = mx.quantile(m, list(evaluation.interval_probs))
+    intervals = {level: evaluation.calibration.interval(m, level) for level in evaluation.levels}
     pit = mx.cdf(m, y)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    keys = [level_key(level) for level in evaluation.levels]
+    with atomic_writer(path, newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["image", "target", "mean", "std", "median", "interval_68_low", "interval_68_high",
-                         "interval_95_low", "interval_95_high", "pit"])
+        writer.writerow(["image", "target", "mean", "std", "median", *(f"interval_{k}_{end}" for k in keys for end in ("low", "high")), "pit"])
         for i, e in enumerate(examples):
-            writer.writerow([e.image, e.target, *(f"{float(v):.6g}" for v in (mean[i], std[i], median[i], *q[i], pit[i]))])
-    os.replace(tmp, path)
+            ends = [v for lo, hi in intervals.values() for v in (lo[i], hi[i])]
+            writer.writerow([e.image, e.target, *(f"{float(v):.6g}" for v in (mean[i], std[i], median[i], *ends, pit[i]))])

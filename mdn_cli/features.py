@@ -1,54 +1,74 @@
 """Backbone feature cache: while the backbone is frozen, compute each image's features once
-(deterministic eval crop) and train the head on them; many times faster than images."""
+(deterministic centre crop) and train the head on them; many times faster than images.
+Under torchrun the features are computed and held once per machine, split over its processes."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch import nn
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from .dataset import make_loader
+from .dataset import ImageRegressionDataset, make_loader
+from .distributed import Dist
 from .inference import run_model
 from .model import MDNRegressor
 from .runtime import Runtime
 
 
 class FeatureDataset(Dataset):
-    """(features (D,), target, index) items; accepts the `(index, seed)` keys of SeededSampler."""
+    """(features (D,), target, index, seed) items over the images whose features exist; accepts the
+    `(position, seed)` keys of SeededSampler, like ImageRegressionDataset."""
 
-    def __init__(self, features: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor):
-        self.features, self.targets, self.indices = features, targets, indices
+    def __init__(self, features: torch.Tensor, targets: list[float], rows: torch.Tensor):
+        self.features, self.targets, self.rows = features, targets, rows
 
     def __len__(self) -> int:
-        return len(self.features)
+        return len(self.rows)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, float, int]:
-        i = key[0] if isinstance(key, tuple) else key
-        return self.features[i], float(self.targets[i]), int(self.indices[i])
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, float, int, int]:
+        position, seed = key if isinstance(key, tuple) else (key, -1)
+        i = int(self.rows[position])
+        return self.features[i], self.targets[i], i, seed
 
 
-class _Backbone(torch.nn.Module):
-    """uint8 images -> backbone features (N, D) of an MDNRegressor."""
+class BackboneFeatures(nn.Module):
+    """uint8 images -> backbone features (N, D) of an MDNRegressor, as float32."""
 
     def __init__(self, model: MDNRegressor):
         super().__init__()
         self.model = model
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.backbone(self.model.normalize(images))
+        return self.model.features(images).float()
 
 
-def compute_features(
-    model: MDNRegressor, loader: DataLoader, runtime: Runtime, on_skip: Callable[[str], None], progress: bool = True
+def cached_features(
+    model: MDNRegressor,
+    paths: list[Path],
+    targets: list[float],
+    runtime: Runtime,
+    dist: Dist,
+    batch_size: int,
+    num_workers: int,
+    on_skip: Callable[[str], None],
+    name: str,
 ) -> FeatureDataset:
-    """Backbone features (N, D) float32 on CPU for every image of `loader` that decodes."""
-    batches = tqdm(loader, desc="backbone features", unit="batch", leave=False, disable=not progress)
-    out = run_model(_Backbone(model), batches, runtime, on_skip)
-    return FeatureDataset(out.heads[0], out.targets, out.indices)
-
-
-def feature_loader(dataset: FeatureDataset, batch_size: int, sampler=None, drop_last: bool = False) -> DataLoader:
-    return make_loader(dataset, batch_size, num_workers=0, sampler=sampler, drop_last=drop_last)
-
+    """Backbone features of every image of `paths` that decodes, computed once per machine: each of
+    its processes computes an interleaved share into one shared tensor (N, D)."""
+    n = len(paths)
+    features = dist.machine_tensor(f"features-{name}", (n, model.feature_dim), torch.float32)
+    decoded = dist.machine_tensor(f"features-{name}-decoded", (n,), torch.uint8)
+    share = list(range(dist.local_rank, n, dist.local_world_size))
+    dataset = ImageRegressionDataset(paths, targets, model.args.image_size)
+    loader = make_loader(dataset, batch_size, num_workers, share, pin_memory=runtime.pin_memory)
+    batches = tqdm(loader, desc=f"backbone features ({name})", unit="batch", leave=False, disable=not dist.is_main)
+    out = run_model(BackboneFeatures(model), batches, runtime, on_skip)
+    if len(out.indices):
+        features[out.indices] = out.heads[0]
+        decoded[out.indices] = 1
+    dist.barrier()  # every share written
+    return FeatureDataset(features, targets, decoded.nonzero().squeeze(1))

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from .calibration import NOMINAL_PROBS
+from .calibration import Calibration
 from .checkpoint import load_checkpoint
-from .dataset import Batch
+from .dataset import Batch, ImageRegressionDataset, make_loader, resolve_num_workers
 from .errors import CheckpointError
 from .mixture import Mixture
 from .model import MDNRegressor, ModelArgs
@@ -19,12 +22,11 @@ from .targets import TargetScaler
 
 @dataclass
 class Predictor:
+    """A trained model ready to predict: the network, its target scaling and its calibration."""
+
     model: MDNRegressor
     scaler: TargetScaler
-    sigma_scale: float = 1.0
-    """Post-hoc calibration factor on every component std (1.0 = none)."""
-    interval_probs: tuple[float, float, float, float] = NOMINAL_PROBS
-    """CDF levels of the reported 68% and 95% intervals (conformal calibration moves them)."""
+    calibration: Calibration
 
     @classmethod
     def from_checkpoint(cls, path, runtime: Runtime) -> tuple[Predictor, dict]:
@@ -34,19 +36,34 @@ class Predictor:
             model = MDNRegressor(args, pretrained=False)
             model.load_state_dict(ckpt["model"])
             scaler = TargetScaler.from_state_dict(ckpt["target_scaler"])
-            calibration = ckpt.get("calibration") or {}
-            sigma_scale = float(calibration.get("sigma_scale", 1.0))
-            probs = tuple(float(p) for p in calibration.get("interval_probs", NOMINAL_PROBS))
-            if len(probs) != 4:
-                raise ValueError("interval_probs must hold 4 probabilities")
+            calibration = Calibration.from_state(ckpt.get("calibration") or {})
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{path}: checkpoint contents do not match this mdn ({type(e).__name__}: {str(e)[:160]})") from None
         runtime.prepare(model).eval()
-        return cls(model, scaler, sigma_scale, probs), ckpt
+        return cls(model, scaler, calibration), ckpt
 
     def mixture(self, outputs: Outputs, calibrated: bool = True) -> Mixture:
+        """The predicted mixtures in the model's target space (with the std scale unless not `calibrated`)."""
         m = self.scaler.to_mixture(*outputs.heads)
-        return m.scaled(self.sigma_scale) if calibrated and self.sigma_scale != 1.0 else m
+        scale = self.calibration.sigma_scale
+        return m.scaled(scale) if calibrated and scale != 1.0 else m
+
+    def run(
+        self,
+        paths: list[Path],
+        runtime: Runtime,
+        targets: list[float] | None = None,
+        batch_size: int = 64,
+        num_workers: int | str = "auto",
+        on_skip: Callable[[str], None] = print,
+        progress: bool = False,
+    ) -> Outputs:
+        """Head outputs for every image of `paths` that decodes (unlabelled: NaN targets)."""
+        dataset = ImageRegressionDataset(paths, targets if targets is not None else [math.nan] * len(paths), self.model.args.image_size)
+        workers = 0 if len(paths) <= batch_size else resolve_num_workers(num_workers)
+        loader = make_loader(dataset, batch_size, workers, pin_memory=runtime.pin_memory)
+        batches = tqdm(loader, desc="predicting", unit="batch", leave=False, disable=not progress or len(loader) < 2)
+        return run_model(self.model, batches, runtime, on_skip)
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -14,8 +15,18 @@ from pathlib import Path
 
 from .errors import DataError
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "calibration", "test")
+SPLIT_ALIASES = {"valid": "val", "validation": "val", "cal": "calibration", "calib": "calibration", "calibrate": "calibration"}
 MAX_REPORTED = 20
+
+
+@dataclass(frozen=True)
+class Labels:
+    examples: list[Example]
+    notes: list[str]
+    """Non-fatal findings for the caller to print, one line each."""
+    sha256: str
+    """Hex digest of the file's bytes: the fingerprint a run stores."""
 
 
 @dataclass(frozen=True)
@@ -39,7 +50,7 @@ def read_labels(
     target_column: str,
     split_column: str | None,
     target_transform: str = "none",
-) -> list[Example]:
+) -> Labels:
     """Read and validate the whole labels CSV; report every problem found at once (DataError)."""
     try:
         with open(labels_path, newline="", encoding="utf-8-sig") as f:
@@ -96,9 +107,9 @@ def read_labels(
         split = None
         if has_split:
             split = (row.get(split_column) or "").strip().lower()
-            split = {"valid": "val", "validation": "val"}.get(split, split)
+            split = SPLIT_ALIASES.get(split, split)
             if split not in SPLITS:
-                problems.append(f"{where}: split '{row.get(split_column)}' is not one of train, val, test")
+                problems.append(f"{where}: split '{row.get(split_column)}' is not one of {', '.join(SPLITS)}")
                 continue
         example = Example(image=image, path=path, target=target, split=split, line=line)
         previous = seen.get(str(path))
@@ -120,7 +131,7 @@ def read_labels(
             + "\n".join(f"  {p}" for p in shown)
             + more
         )
-    return examples
+    return Labels(examples, [], hashlib.sha256(Path(labels_path).read_bytes()).hexdigest())
 
 
 def _resolve_inside(root: Path, image: str) -> Path | None:

@@ -1,30 +1,57 @@
-"""Proper scores and calibration of predictive mixtures against observed targets, in target units."""
+"""Proper scores, interval coverage and calibration of predictive mixtures against observed
+targets, in target units. Intervals are the reported ones: made by the checkpoint's calibration."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from . import mixture as mx
+from .calibration import DEFAULT_LEVELS, Calibration, level_key
 
+# Central-interval levels behind the calibration error and the reliability diagram.
 CALIBRATION_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 
-def central_coverage(pit: torch.Tensor, levels=CALIBRATION_LEVELS) -> list[float]:
-    """Observed coverage of each central interval, from PIT values: y lies inside the central
-    c-interval [q((1-c)/2), q((1+c)/2)] exactly when |F(y) - 1/2| <= c/2."""
-    dist = (pit - 0.5).abs()
-    return [float((dist <= c / 2).double().mean()) for c in levels]
+def observed_coverage(pit: torch.Tensor, calibration: Calibration, levels=CALIBRATION_LEVELS) -> list[float]:
+    """Observed coverage of the reported central interval at each level, from PIT values: y lies in
+    [Q(a), Q(b)] exactly when a <= F(y) <= b, so no quantile needs computing."""
+    out = []
+    for level in levels:
+        lo, hi = calibration.interval_probs(level)
+        out.append(float(((pit >= lo) & (pit <= hi)).double().mean()))
+    return out
 
 
-def score(m: mx.Mixture, y: torch.Tensor, interval_probs=(*mx.P68, *mx.P95)) -> dict[str, float]:
-    """All metrics of N predictions against N targets y (target units). NLL in nats per sample,
-    with the Jacobian of the target transform included (a density over y, not over log y).
-    `interval_probs`: CDF levels of the 68% and 95% interval ends (low, high, low, high)."""
+def winkler(lo: torch.Tensor, hi: torch.Tensor, y: torch.Tensor, level: float) -> torch.Tensor:
+    """Interval (Winkler) score per image: width plus 2/alpha times the distance by which y misses
+    (lower is better; rewards narrow intervals only if they still cover)."""
+    alpha = 1.0 - level
+    width = hi - lo
+    return width + (2.0 / alpha) * ((lo - y).clamp_min(0) + (y - hi).clamp_min(0))
+
+
+def interval_scores(m: mx.Mixture, y: torch.Tensor, calibration: Calibration, levels=DEFAULT_LEVELS) -> dict[str, float]:
+    """Coverage, mean width and mean Winkler score of the reported interval at each level."""
+    out: dict[str, float] = {}
+    for level in levels:
+        key = level_key(level)
+        lo, hi = calibration.interval(m, level)
+        out[f"coverage_{key}"] = float(((y >= lo) & (y <= hi)).double().mean())
+        out[f"width_{key}"] = float((hi - lo).mean())
+        out[f"winkler_{key}"] = float(winkler(lo, hi, y, level).mean())
+    return out
+
+
+def score(m: mx.Mixture, y: torch.Tensor, calibration: Calibration, levels=DEFAULT_LEVELS) -> dict[str, float]:
+    """All metrics of N predictions (the scaled mixture `m`) against N targets y (target units).
+    NLL in nats per sample, with the Jacobian of the target transform included (a density over y,
+    not over log y)."""
     y = y.double()
     mean, median = mx.mean(m), mx.median(m)
-    lo68, hi68, lo95, hi95 = mx.quantile(m, list(interval_probs)).unbind(-1)
     pit = mx.cdf(m, y)
-    observed = central_coverage(pit)
+    observed = observed_coverage(pit, calibration)
     return {
         "n": int(y.numel()),
         "nll": float(-mx.log_prob(m, y).mean()),
@@ -33,9 +60,33 @@ def score(m: mx.Mixture, y: torch.Tensor, interval_probs=(*mx.P68, *mx.P95)) -> 
         "rmse_mean": float((mean - y).pow(2).mean().sqrt()),
         "mae_median": float((median - y).abs().mean()),
         "rmse_median": float((median - y).pow(2).mean().sqrt()),
-        "coverage_68": float(((y >= lo68) & (y <= hi68)).double().mean()),
-        "width_68": float((hi68 - lo68).mean()),
-        "coverage_95": float(((y >= lo95) & (y <= hi95)).double().mean()),
-        "width_95": float((hi95 - lo95).mean()),
+        **interval_scores(m, y, calibration, levels),
         "calibration_error": sum(abs(o - c) for o, c in zip(observed, CALIBRATION_LEVELS)) / len(CALIBRATION_LEVELS),
     }
+
+
+def binomial_se(p: float, n: int) -> float:
+    """Standard error of an observed coverage p over n images."""
+    return math.sqrt(max(p * (1 - p), 1e-12) / n) if n else math.nan
+
+
+def conditional_coverage(
+    m: mx.Mixture, y: torch.Tensor, calibration: Calibration, by: torch.Tensor, bins: int = 10, levels=DEFAULT_LEVELS
+) -> list[dict]:
+    """Coverage and mean width of each reported interval within each of `bins` equal-count bins of
+    `by` (the true target, or the predicted std): where average calibration can hide intervals
+    that are too wide for some images and too narrow for others."""
+    order = torch.argsort(by, stable=True)
+    intervals = {level: calibration.interval(m, level) for level in levels}
+    rows = []
+    for chunk in torch.tensor_split(order, min(bins, len(order))):
+        if chunk.numel() == 0:
+            continue
+        row: dict = {"low": float(by[chunk].min()), "high": float(by[chunk].max()), "n": int(chunk.numel())}
+        for level, (lo, hi) in intervals.items():
+            key = level_key(level)
+            inside = (y[chunk] >= lo[chunk]) & (y[chunk] <= hi[chunk])
+            row[f"coverage_{key}"] = float(inside.double().mean())
+            row[f"width_{key}"] = float((hi[chunk] - lo[chunk]).mean())
+        rows.append(row)
+    return rows

@@ -12,14 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from . import mixture as mx
-from .calibration import NOMINAL_PROBS
-from .dataset import ImageRegressionDataset, make_loader, resolve_num_workers
+from .calibration import DEFAULT_LEVELS, Calibration, level_key
 from .errors import CheckpointError, DataError
 from .images import IMAGE_SUFFIXES, is_image_file
-from .inference import Predictor, run_model
+from .inference import Predictor
 from .runtime import select_runtime
 
 FORMATS = ("table", "json", "csv")
@@ -57,29 +55,28 @@ def collect_images(inputs: list[str]) -> tuple[list[Path], list[str]]:
     return list(found), problems
 
 
-def summarize(m: mx.Mixture, interval_probs=NOMINAL_PROBS) -> list[dict]:
-    """One dict per row of `m`: summaries in target units, components in the model's target space.
-    `interval_probs`: CDF levels of the 68% and 95% interval ends (low, high, low, high)."""
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None  # JSON has no infinity: an unbounded end is null
+
+
+def summarize(m: mx.Mixture, calibration: Calibration, levels: tuple[float, ...] = DEFAULT_LEVELS) -> list[dict]:
+    """One dict per row of `m` (the scaled mixture): summaries in target units, components in the
+    model's target space, and how the intervals were made."""
     mean, std, median, mode = mx.mean(m), mx.std(m), mx.median(m), mx.mode(m)
-    q = mx.quantile(m, list(interval_probs))
+    intervals = {level: calibration.interval(m, level) for level in levels}
+    described = calibration.describe(levels)
     order = torch.argsort(m.weights, dim=-1, descending=True)
     out = []
     for i in range(len(m)):
-        out.append(
-            {
-                "mean": float(mean[i]),
-                "std": float(std[i]),
-                "median": float(median[i]),
-                "mode": float(mode[i]),
-                "interval_68": [float(q[i, 0]), float(q[i, 1])],
-                "interval_95": [float(q[i, 2]), float(q[i, 3])],
-                "components": [
-                    {"weight": float(m.weights[i, k]), "mean": float(m.means[i, k]), "std": float(m.stds[i, k])}
-                    for k in order[i].tolist()
-                ],
-                "target_transform": m.transform,
-            }
-        )
+        record = {"mean": float(mean[i]), "std": float(std[i]), "median": float(median[i]), "mode": float(mode[i])}
+        for level, (lo, hi) in intervals.items():
+            record[f"interval_{level_key(level)}"] = [_finite_or_none(float(lo[i])), _finite_or_none(float(hi[i]))]
+        record["components"] = [
+            {"weight": float(m.weights[i, k]), "mean": float(m.means[i, k]), "std": float(m.stds[i, k])} for k in order[i].tolist()
+        ]
+        record["target_transform"] = m.transform
+        record["calibration"] = described
+        out.append(record)
     return out
 
 
@@ -97,19 +94,16 @@ def predict_images(
     num_workers: int | str = "auto",
     on_skip: Callable[[str], None] = print,
     progress: bool = True,
+    levels: tuple[float, ...] = DEFAULT_LEVELS,
+    precision: str = "fp32",
 ) -> tuple[list[Prediction], mx.Mixture]:
     """Batched inference over `images`; unreadable ones are reported through `on_skip`."""
-    runtime = select_runtime(device)
+    runtime = select_runtime(device, precision, what="--precision")
     predictor, _ = Predictor.from_checkpoint(checkpoint, runtime)
-    size = predictor.model.args.image_size
-    dataset = ImageRegressionDataset(images, [math.nan] * len(images), size)
-    workers = 0 if len(images) <= batch_size else resolve_num_workers(num_workers)
-    loader = make_loader(dataset, batch_size, workers, pin_memory=runtime.pin_memory)
-    batches = tqdm(loader, desc="predicting", unit="batch", leave=False, disable=not progress or len(loader) < 2)
-    outputs = run_model(predictor.model, batches, runtime, on_skip)
+    outputs = predictor.run(images, runtime, batch_size=batch_size, num_workers=num_workers, on_skip=on_skip, progress=progress)
     m = predictor.mixture(outputs)
     kept = [images[i] for i in outputs.indices.tolist()]
-    return [Prediction(str(p), s) for p, s in zip(kept, summarize(m, predictor.interval_probs))], m
+    return [Prediction(str(p), s) for p, s in zip(kept, summarize(m, predictor.calibration, levels))], m
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,32 +118,34 @@ def format_predictions(predictions: list[Prediction], fmt: str) -> str:
     return _table(predictions)
 
 
-CSV_COLUMNS = (
-    "image", "mean", "std", "median", "mode",
-    "interval_68_low", "interval_68_high", "interval_95_low", "interval_95_high",
-    "target_transform", "components",
-)
+def _interval_keys(summary: dict) -> list[str]:
+    return [k for k in summary if k.startswith("interval_")]
 
 
 def _csv(predictions: list[Prediction]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    keys = _interval_keys(predictions[0].summary) if predictions else []
+    writer.writerow(["image", "mean", "std", "median", "mode", *(f"{k}_{end}" for k in keys for end in ("low", "high")),
+                     "target_transform", "calibration", "components"])
     for p in predictions:
         s = p.summary
-        writer.writerow(
-            [p.image, *(repr(s[k]) for k in ("mean", "std", "median", "mode")), *map(repr, s["interval_68"]),
-             *map(repr, s["interval_95"]), s["target_transform"], json.dumps(s["components"])]
-        )
+        ends = [repr(v) if v is not None else "" for k in keys for v in s[k]]
+        writer.writerow([p.image, *(repr(s[k]) for k in ("mean", "std", "median", "mode")), *ends, s["target_transform"],
+                         s["calibration"]["method"], json.dumps(s["components"])])
     return buffer.getvalue()
 
 
-def _fmt(x: float) -> str:
+def _fmt(x: float | None, low_end: bool = False) -> str:
+    if x is None:
+        return "-inf" if low_end else "inf"
     return f"{x:.4g}" if abs(x) < 1e5 else f"{x:.3e}"
 
 
 def _table(predictions: list[Prediction]) -> str:
-    header = ("image", "mean", "std", "median", "mode", "68% interval", "95% interval", "components (weight: mean ± std)")
+    keys = _interval_keys(predictions[0].summary) if predictions else []
+    header = ("image", "mean", "std", "median", "mode", *(f"{k.removeprefix('interval_')}% interval" for k in keys),
+              "components (weight: mean ± std)")
     rows = []
     for p in predictions:
         s = p.summary
@@ -157,11 +153,15 @@ def _table(predictions: list[Prediction]) -> str:
         comps = ", ".join(f"{c['weight']:.2f}: {space}{_fmt(c['mean'])} ± {_fmt(c['std'])}" for c in s["components"] if c["weight"] >= 0.01)
         rows.append(
             (p.image, _fmt(s["mean"]), _fmt(s["std"]), _fmt(s["median"]), _fmt(s["mode"]),
-             f"[{_fmt(s['interval_68'][0])}, {_fmt(s['interval_68'][1])}]",
-             f"[{_fmt(s['interval_95'][0])}, {_fmt(s['interval_95'][1])}]", comps)
+             *(f"[{_fmt(s[k][0], True)}, {_fmt(s[k][1])}]" for k in keys), comps)
         )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    if predictions:
+        c = predictions[0].summary["calibration"]
+        lines.append(f"intervals: {c['guarantee']}")
+        if "warning" in c:
+            lines.append(f"warning: {c['warning']}")
     return "\n".join(lines) + "\n"
 
 

@@ -7,7 +7,7 @@ Builds a temporary folder of synthetic JPEG photos (320x240, smooth random conte
 so decoding costs what a real photo of that size costs) and, per setting (backbone, image size,
 batch size), measures:
 
-1. training: `mdn_cli.train._train_one_epoch` over mdn's own loader (ImageRegressionDataset with
+1. training: `mdn_cli.engine.fit_epoch` over mdn's own loader (ImageRegressionDataset with
    a warm DecodedCache("memory"), SeededSampler, make_loader with `auto` workers, augmentation as
    configured) against a bare loop (same MDNRegressor, same AdamW, same mixture NLL) over
    pre-decoded uint8 tensors already on the device: images/s and the ratio mdn / bare;
@@ -53,6 +53,7 @@ from mdn_cli.cache import DecodedCache
 from mdn_cli.checkpoint import save_checkpoint
 from mdn_cli.config import Config, load_config
 from mdn_cli.dataset import (
+    Augment,
     ImageRegressionDataset,
     SeededSampler,
     decode_square,
@@ -60,19 +61,26 @@ from mdn_cli.dataset import (
     resolve_num_workers,
 )
 from mdn_cli.distributed import Dist
+from mdn_cli.engine import (
+    Fitter,
+    Segment,
+    compile_module,
+    fit_epoch,
+    make_optimizer,
+    make_scheduler,
+    set_train_mode,
+)
 from mdn_cli.mixture import mixture_nll
 from mdn_cli.model import MDNRegressor, ModelArgs
 from mdn_cli.predict import predict_images
 from mdn_cli.runtime import Runtime, select_runtime
 from mdn_cli.targets import TargetScaler
-from mdn_cli.train import (
-    _compiler,
-    _make_optimizer,
-    _set_train_mode,
-    _train_one_epoch,
-    _warmup_cosine,
-    model_args,
-)
+from mdn_cli.train import model_args
+
+
+def optimizer_for(model: MDNRegressor, cfg: Config) -> torch.optim.Optimizer:
+    return make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.backbone_lr_scale)
+
 
 PHOTO_SIZE = (320, 240)  # width, height of the synthetic photos
 # (cells across, amplitude) of the random colour fields summed into each photo: about 24 KB per
@@ -103,7 +111,7 @@ class Plan:
     n_images: int
     settings: tuple[Setting, ...]
     train_windows: int
-    """Timed training windows (each: one whole `_train_one_epoch` call / the same number of bare steps)."""
+    """Timed training windows (each: one whole `fit_epoch` call / the same number of bare steps)."""
     cpu_train_batches: int | None
     """On CPU, train on the folder's first N batches only (an epoch over 512 images at 224 px takes
     minutes on a laptop-class CPU); None or an accelerator: every image."""
@@ -281,7 +289,7 @@ class TrainingSetup:
 
     cfg: Config
     runtime: Runtime
-    ctx: Dist
+    dist: Dist
     args: ModelArgs
     model: MDNRegressor
     optimizer: torch.optim.Optimizer
@@ -297,7 +305,7 @@ def build_training(setting: Setting, device: str, paths: list[Path], targets: li
     """Model, optimiser, scheduler, grad scaler, target scaler and loader, as `_train` sets them up."""
     cfg = bench_config(setting, device, epochs)
     runtime = select_runtime(cfg.run.device, cfg.train.precision)
-    ctx = Dist()
+    dist = Dist()
     torch.manual_seed(cfg.run.seed)
     train_targets = torch.tensor(targets, dtype=torch.float64)
     scaler = TargetScaler.fit(train_targets, cfg.data.target_transform)
@@ -305,17 +313,16 @@ def build_training(setting: Setting, device: str, paths: list[Path], targets: li
     size = cfg.data.image_size or spec.image_size
     workers = resolve_num_workers(cfg.data.num_workers)
     cache = DecodedCache(cfg.data.cache, len(paths), size)
-    dataset = ImageRegressionDataset(paths, targets, size, cfg.data.augment, cache)
-    sampler = SeededSampler(len(paths), True, cfg.run.seed, ctx.rank, ctx.world_size)
+    dataset = ImageRegressionDataset(paths, targets, size, Augment(cfg.data.flip, cfg.data.shift), cache)
+    sampler = SeededSampler(len(paths), True, cfg.run.seed, dist.rank, dist.world_size)
     loader = make_loader(dataset, cfg.train.batch_size, workers, sampler, drop_last=True, pin_memory=runtime.pin_memory)
     model = MDNRegressor(model_args(cfg), pretrained=cfg.model.pretrained)
     model.head.init_spread(scaler.encode(train_targets))
     runtime.prepare(model)  # device and memory layout
-    optimizer = _make_optimizer(model, cfg)
-    steps = len(loader)
-    scheduler = _warmup_cosine(optimizer, round(cfg.train.warmup_epochs * steps), cfg.train.epochs * steps)
+    optimizer = optimizer_for(model, cfg)
+    scheduler = make_scheduler(optimizer, [Segment(0, cfg.train.epochs, cfg.train.warmup_epochs)], len(loader))
     grad_scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
-    return TrainingSetup(cfg, runtime, ctx, model.args, model, optimizer, scheduler, grad_scaler, scaler, sampler, loader, workers)
+    return TrainingSetup(cfg, runtime, dist, model.args, model, optimizer, scheduler, grad_scaler, scaler, sampler, loader, workers)
 
 
 def make_bare_step(model: MDNRegressor, cfg: Config, runtime: Runtime, images: torch.Tensor, y: torch.Tensor,
@@ -324,9 +331,9 @@ def make_bare_step(model: MDNRegressor, cfg: Config, runtime: Runtime, images: t
     on the device. No loader, no gradient clipping, no per-step host sync. `forward`: the model as
     called (torch.compile'd when mdn compiles it)."""
     forward = forward or model
-    optimizer = _make_optimizer(model, cfg)
+    optimizer = optimizer_for(model, cfg)
     grad_scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
-    _set_train_mode(model, False, batch_size)
+    set_train_mode(model, False, batch_size)
     steps = images.shape[0] // batch_size
 
     def run(n_steps: int = steps) -> int:
@@ -334,7 +341,7 @@ def make_bare_step(model: MDNRegressor, cfg: Config, runtime: Runtime, images: t
             j = (i % steps) * batch_size
             with runtime.autocast():
                 logits, means, stds = forward(images[j : j + batch_size])
-            loss = mixture_nll(logits.float(), means.float(), stds.float(), y[j : j + batch_size]).mean()
+            loss = mixture_nll(logits, means, stds, y[j : j + batch_size]).mean()
             optimizer.zero_grad(set_to_none=True)
             grad_scaler.scale(loss).backward()
             grad_scaler.step(optimizer)
@@ -345,20 +352,21 @@ def make_bare_step(model: MDNRegressor, cfg: Config, runtime: Runtime, images: t
 
 
 def measure_training(setup: TrainingSetup, bare_images: torch.Tensor, windows: int) -> dict:
-    """mdn's `_train_one_epoch` (whole calls) against the bare loop, windows alternating."""
+    """mdn's `fit_epoch` (whole calls) against the bare loop, windows alternating."""
     s, device = setup, setup.runtime.device
     bare_model = copy.deepcopy(s.model)  # same weights, its own optimiser
     y = s.scaler.encode(torch.tensor(s.loader.dataset.targets, dtype=torch.float64)).float().to(device)
-    compiled = _compiler(s.cfg.train.compile, log)  # identity unless train.compile
+    def compiled(module):
+        return compile_module(module, log) if s.cfg.train.compile else module
+
     bare = make_bare_step(bare_model, s.cfg, s.runtime, bare_images, y, s.cfg.train.batch_size, compiled(bare_model))
+    fitter = Fitter(compiled(s.model), s.optimizer, s.scheduler, s.grad_scaler, s.scaler, s.runtime, s.dist,
+                    dropout=s.args.dropout, feature_dim=s.model.feature_dim, grad_clip=s.cfg.train.grad_clip, min_batch=2)
 
     def mdn_epoch(epoch: int) -> int:
         s.sampler.set_epoch(epoch)
-        _set_train_mode(s.model, False, s.cfg.train.batch_size)
-        _, seen, _ = _train_one_epoch(
-            compiled(s.model), s.loader, s.optimizer, s.scheduler, s.grad_scaler, s.scaler, s.runtime, s.ctx, s.cfg, epoch, on_skip
-        )
-        return seen
+        set_train_mode(s.model, False, s.cfg.train.batch_size)
+        return fit_epoch(fitter, s.loader, on_skip, f"epoch {epoch}").images
 
     warm_s, _ = timed(lambda: mdn_epoch(0), device)  # starts the workers and fills the memory cache
     bare(1)
@@ -372,7 +380,7 @@ def measure_training(setup: TrainingSetup, bare_images: torch.Tensor, windows: i
     return {
         "train_images": len(s.loader.dataset),
         "steps_per_window": len(s.loader),
-        "augment": s.cfg.data.augment,
+        "augment": {"flip": s.cfg.data.flip, "shift": s.cfg.data.shift},
         "workers": s.workers,
         "precision": "fp32" if s.runtime.amp_dtype is None else str(s.runtime.amp_dtype).removeprefix("torch."),
         "cold_first_epoch_images_per_s": len(s.loader) * s.cfg.train.batch_size / warm_s,
@@ -411,7 +419,7 @@ def measure_loader(setting: Setting, cfg: Config, runtime: Runtime, paths: list[
     }
     out = {"images": len(paths), "workers": workers}
     for name, cache in caches.items():
-        dataset = ImageRegressionDataset(paths, targets, size, cfg.data.augment, cache)
+        dataset = ImageRegressionDataset(paths, targets, size, Augment(cfg.data.flip, cfg.data.shift), cache)
         sampler = SeededSampler(len(paths), True, cfg.run.seed)
         loader = make_loader(dataset, setting.batch_size, workers, sampler, drop_last=True, pin_memory=runtime.pin_memory)
         rate = loader_rate(loader, windows, sampler)
@@ -626,7 +634,7 @@ def markdown_table(results: list[dict], plan: Plan) -> str:
         row(r, f"compute GFLOP/s (train {c['train_gflop_per_image']:.2f} GFLOP/img)", f"mdn {c['mdn_gflops']:.1f}, bare {c['bare_gflops']:.1f}",
             f"matmul {c['matmul_gflops']:.1f}", c["bare_fraction_of_matmul"])
     notes = (
-        f"\nMedians of {plan.train_windows} training windows (one whole `_train_one_epoch` call each, after a cold "
+        f"\nMedians of {plan.train_windows} training windows (one whole `fit_epoch` call each, after a cold "
         f"warm-up epoch), {plan.loader_windows} loader passes (after one warm-up pass), {plan.predict_windows} "
         f"prediction windows, {plan.cli_runs} CLI runs{' (after one warm-up run)' if plan.cli_warmup else ''}; "
         "mdn and bare windows alternate; img/s columns: median (slowest-fastest window). "

@@ -70,7 +70,7 @@ def test_out_of_range_values_name_the_key(override, key):
 
 
 def test_fractions_must_leave_training_data():
-    with pytest.raises(ConfigError, match="val_fraction \\+ data.test_fraction"):
+    with pytest.raises(ConfigError, match="calibration_fraction \\+ data.test_fraction"):
         load_config(None, ["data.val_fraction=0.6", "data.test_fraction=0.5"])
 
 

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from mdn_cli.checkpoint import load_checkpoint, save_checkpoint
 from mdn_cli.cli import app
+from mdn_cli.config import load_config
 from mdn_cli.errors import CheckpointError, DataError
 from mdn_cli.images import UnreadableImageError, load_rgb
 from mdn_cli.labels import read_labels
@@ -166,12 +167,12 @@ def test_non_positive_targets_under_log(folder):
     with pytest.raises(DataError, match="target_transform: log") as e:
         read(folder, path, transform="log")
     assert f"{path}:2:" in str(e.value) and f"{path}:3:" in str(e.value)
-    assert len(read(folder, path)) == 3  # fine without the log transform
+    assert len(read(folder, path).examples) == 3  # fine without the log transform
 
 
 def test_bom_exact_duplicates_and_extra_columns(folder):
     path = labels(folder, "\ufeffimage,weight,notes\nimg/0.png,1.5,a\nimg/0.png,1.5,a\nimg/1.png,2,b\n")
-    examples = read(folder, path)
+    examples = read(folder, path).examples
     assert [e.image for e in examples] == ["img/0.png", "img/1.png"]  # the exact duplicate is dropped
 
 
@@ -199,12 +200,13 @@ def test_missing_labels_file(folder):
 
 def test_a_split_left_empty_and_too_small_for_the_batch(folder):
     path = labels(folder, "image,weight,split\n" + "".join(f"img/{i}.png,{i},train\n" for i in range(6)))
-    splits = assign_splits(read(folder, path), 0.15, 0.15, 0)
+    plan = assign_splits(read(folder, path).examples, folder, 0.15, 0.1, 0.15, 0)
     with pytest.raises(DataError, match="0 val images"):
-        check_split_sizes(splits, 2, path)
-    splits = assign_splits(read(folder, path, split_column=None), 0.2, 0.2, 0)
+        check_split_sizes(plan.splits, 2, path)
+    path = labels(folder, "image,weight\n" + "".join(f"img/{i}.png,{i}\n" for i in range(6)))
+    plan = assign_splits(read(folder, path).examples, folder, 0.5, 0.0, 0.0, 0)  # a few val, a few train
     with pytest.raises(DataError, match="fewer than train.batch_size=32"):
-        check_split_sizes(splits, 32, path)
+        check_split_sizes(plan.splits, 32, path)
 
 
 def test_training_with_bad_images_errors_or_skips(tmp_path, toy_data):
@@ -212,18 +214,23 @@ def test_training_with_bad_images_errors_or_skips(tmp_path, toy_data):
 
     data = tmp_path / "data"
     shutil.copytree(toy_data, data)
-    make_broken("truncated_jpeg", data / "images" / "00003.png")
-    make_broken("text_named_jpg", data / "images" / "00007.png")
     config = write_config(tmp_path / "c.yaml", data, tmp_path / "runs", train={"epochs": 1, "batch_size": 8})
+    cfg = load_config(config)
+    examples = read_labels(data / "labels.csv", data, "image", "weight", None).examples
+    plan = assign_splits(examples, data, cfg.data.val_fraction, cfg.data.calibration_fraction, cfg.data.test_fraction, 0)
+    # one broken image in each held-out split: each is read once, by validation, calibration and evaluation
+    broken = {split: next(e for e, s in zip(examples, plan.splits) if s == split) for split in ("val", "calibration", "test")}
+    for kind, example in zip(("truncated_jpeg", "text_named_jpg", "empty"), broken.values()):
+        make_broken(kind, example.path)
     result = mdn("train", config)
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert "images/0000" in result.output and "data.on_bad_image: skip" in result.output
+    assert broken["val"].image in result.output and "data.on_bad_image: skip" in result.output
 
     result = mdn("train", config, "--set", "data.on_bad_image=skip", "--overwrite")
     assert result.exit_code == 0, result.output
     skipped = (tmp_path / "runs" / "tiny" / "skipped.txt").read_text()
-    assert "00003.png" in skipped and "00007.png" in skipped  # both are reached: every split is read
-    assert "skipped 2 unreadable images" in result.output
+    assert all(e.image in skipped for e in broken.values())  # every split is read
+    assert "skipped 3 unreadable images" in result.output
 
 
 # --- checkpoints --------------------------------------------------------------------------------------
@@ -306,7 +313,7 @@ def test_two_processes_cannot_train_into_one_folder(tmp_path, tiny_config):
 
 
 def test_nan_losses_are_skipped_then_stop_the_run(tiny_config, tmp_path, monkeypatch):
-    import mdn_cli.train as train_module
+    import mdn_cli.engine as train_module
 
     real = train_module.mixture_nll
     calls = {"n": 0}

@@ -7,14 +7,17 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import write_config
+import torch
+from conftest import load_script, write_config
 from PIL import Image
 from typer.testing import CliRunner
 
+from mdn_cli import mixture as mx
+from mdn_cli.calibration import conformal_ranks
 from mdn_cli.cli import app
 
 runner = CliRunner()
-KEYS = {"image", "mean", "std", "median", "mode", "interval_68", "interval_95", "components", "target_transform"}
+KEYS = {"image", "mean", "std", "median", "mode", "interval_68", "interval_95", "components", "target_transform", "calibration"}
 
 
 def mdn(*args):
@@ -22,10 +25,14 @@ def mdn(*args):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, toy_data) -> Path:
-    """best.pt of a 2-epoch run on the toy data."""
+def trained(tmp_path_factory) -> Path:
+    """best.pt of a 2-epoch run on 240 toy images, with enough calibration images (~60) for
+    finite conformal 95% intervals (39 needed)."""
     tmp = tmp_path_factory.mktemp("run")
-    config = write_config(tmp / "config.yaml", toy_data, tmp / "runs")
+    data = tmp / "toy"
+    load_script("make_toy_data").make_toy_dataset(data, n=240, seed=2, size=32)
+    config = write_config(tmp / "config.yaml", data, tmp / "runs",
+                          data={"calibration_fraction": 0.25, "val_fraction": 0.15, "test_fraction": 0.1})
     result = mdn("train", config)
     assert result.exit_code == 0, result.output
     return tmp / "runs" / "tiny" / "best.pt"
@@ -40,7 +47,15 @@ def test_predict_json_has_exact_keys_and_consistent_numbers(trained, toy_data):
     for r in rows:
         assert set(r) == KEYS
         lo95, lo68, hi68, hi95 = r["interval_95"][0], r["interval_68"][0], r["interval_68"][1], r["interval_95"][1]
-        assert lo95 < lo68 < r["median"] < hi68 < hi95
+        assert lo95 < lo68 < hi68 < hi95
+        # the calibration says how the intervals were made, and they can be rebuilt from the components
+        c = r["calibration"]
+        assert c["method"] == "conformal" and c["n_images"] >= 39 and len(c["interval_probs"]) == 4
+        m = mx.Mixture(*(torch.tensor([[k[key] for k in r["components"]]], dtype=torch.float64) for key in ("weight", "mean", "std")))
+        ends = torch.tensor([lo68, hi68, lo95, hi95], dtype=torch.float64)
+        assert [float(mx.cdf(m, e)) for e in ends] == pytest.approx(c["interval_probs"], abs=1e-9)
+        j, k = conformal_ranks(c["n_images"], 0.95)
+        assert j >= 1 and k <= c["n_images"]
         assert r["std"] > 0
         assert sum(c["weight"] for c in r["components"]) == pytest.approx(1.0)
         assert r["mean"] == pytest.approx(sum(c["weight"] * c["mean"] for c in r["components"]), rel=1e-9)
@@ -58,7 +73,7 @@ def test_predict_table_csv_and_output_file(trained, toy_data, tmp_path):
     result = mdn("predict", toy_data / "images", "-c", trained, "--format", "csv", "--output", out)
     assert result.exit_code == 0 and result.stdout == ""
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
-    assert len(rows) == 60
+    assert len(rows) == 60  # the toy_data folder
     assert {"interval_68_low", "interval_68_high", "interval_95_low", "interval_95_high"} <= set(rows[0])
     assert float(rows[0]["interval_95_low"]) < float(rows[0]["interval_95_high"])
 
@@ -107,17 +122,22 @@ def test_evaluate_default_test_split_writes_everything(trained, tmp_path):
     result = mdn("evaluate", "--checkpoint", trained, "--output", out)
     assert result.exit_code == 0, result.output
     assert {p.name for p in out.iterdir()} == {
-        "metrics.json", "predictions.csv", "reliability.png", "pit_histogram.png", "predicted_vs_true.png"
+        "metrics.json", "predictions.csv", "reliability.png", "pit_histogram.png", "predicted_vs_true.png", "coverage_by_bin.png"
     }
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("nll", "crps", "mae_mean", "rmse_mean", "mae_median", "rmse_median", "coverage_68", "width_68",
-                "coverage_95", "width_95", "calibration_error"):
+                "coverage_95", "width_95", "winkler_68", "winkler_95", "calibration_error"):
         assert key in metrics and metrics[key] == metrics[key]  # present and not NaN
-    assert metrics["n"] == 12 and "oracle" in metrics and metrics["oracle"]["nll"] < metrics["nll"] + 5
+    n_test = sum(1 for r in csv.DictReader(open(trained.parent / "splits.csv")) if r["split"] == "test")
+    assert metrics["n"] == n_test and "oracle" in metrics and metrics["oracle"]["nll"] < metrics["nll"] + 5
+    assert metrics["calibration"]["method"] == "conformal" and str(n_test) in metrics["data"]
+    for table in ("by_target", "by_predicted_std"):
+        bins = metrics["conditional"][table]
+        assert sum(b["n"] for b in bins) == n_test and all({"coverage_68", "width_95"} <= set(b) for b in bins)
     rows = list(csv.DictReader(open(out / "predictions.csv")))
-    assert len(rows) == 12 and {"target", "mean", "std", "pit"} <= set(rows[0])
+    assert len(rows) == n_test and {"target", "mean", "std", "pit"} <= set(rows[0])
     assert all(0.0 <= float(r["pit"]) <= 1.0 for r in rows)
-    for label in ("NLL", "CRPS", "95% coverage", "calibration error", "oracle"):
+    for label in ("NLL", "CRPS", "95% coverage", "95% interval score", "calibration error", "oracle", "by decile of predicted std"):
         assert label in result.stdout
 
 
@@ -133,7 +153,44 @@ def test_evaluate_new_labelled_csv_and_split_choice(trained, toy_data, tmp_path)
     result = mdn("evaluate", "-c", trained, "--data", labels, "-o", tmp_path / "e")
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "e" / "metrics.json").read_text())["n"] == 5
+    n_val = sum(1 for r in csv.DictReader(open(trained.parent / "splits.csv")) if r["split"] == "val")
     result = mdn("evaluate", "-c", trained, "--split", "val", "-o", tmp_path / "v")
-    assert result.exit_code == 0 and json.loads((tmp_path / "v" / "metrics.json").read_text())["n"] == 12
+    assert result.exit_code == 0 and json.loads((tmp_path / "v" / "metrics.json").read_text())["n"] == n_val
     assert mdn("evaluate", "-c", trained, "--split", "holdout").exit_code == 2
+    # a file without a split column cannot be filtered by split: an error, not ignored
+    result = mdn("evaluate", "-c", trained, "--data", labels, "--split", "test", "-o", tmp_path / "e2")
+    assert result.exit_code == 2 and "split column" in result.output
+
+
+def test_evaluate_never_replaces_other_results_without_being_asked(trained, toy_data, tmp_path):
+    run = trained.parent
+    before = (run / "eval" / "metrics.json").read_text()
+    labels = tmp_path / "new" / "labels.csv"
+    labels.parent.mkdir()
+    shutil.copy(toy_data / "images" / "00000.png", labels.parent / "a.png")
+    shutil.copy(toy_data / "images" / "00001.png", labels.parent / "b.png")
+    labels.write_text("image,weight\na.png,5\nb.png,6\n")
+    result = mdn("evaluate", "-c", trained, "--data", labels)  # default output: its own folder
+    assert result.exit_code == 0, result.output
+    assert (run / "eval" / "metrics.json").read_text() == before  # the run's test results are untouched
+    assert json.loads((run / "eval-labels" / "metrics.json").read_text())["n"] == 2
+    # the same evaluation again may rewrite its own results; other inputs into that folder may not
+    assert mdn("evaluate", "-c", trained).exit_code == 0
+    clash = mdn("evaluate", "-c", trained, "--data", labels, "-o", run / "eval")
+    assert clash.exit_code == 2 and "already holds results" in clash.output and "--overwrite" in clash.output
+    assert (run / "eval" / "metrics.json").read_text() == before
+    assert mdn("evaluate", "-c", trained, "--data", labels, "-o", run / "eval-labels").exit_code == 0
+
+
+def test_predict_levels_on_request(trained, toy_data):
+    image = toy_data / "images" / "00000.png"
+    result = mdn("predict", image, "-c", trained, "--format", "json", "--levels", "0.5,0.8,0.9")
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)[0]
+    assert {"interval_50", "interval_80", "interval_90"} <= set(row) and "interval_95" not in row
+    assert row["interval_80"][0] < row["interval_50"][0] < row["interval_50"][1] < row["interval_80"][1]
+    assert row["calibration"]["levels"] == [0.5, 0.8, 0.9] and len(row["calibration"]["interval_probs"]) == 6
+    for bad in ("0", "1.5", "a,b", ""):
+        out = mdn("predict", image, "-c", trained, "--levels", bad)
+        assert out.exit_code == 2 and "--levels" in out.output
 

@@ -37,7 +37,8 @@ def test_train_writes_the_run_folder_and_resumes(tiny_config, tmp_path):
         ".lock", "config.yaml", "splits.csv", "metrics.csv", "last.pt", "best.pt", "eval"
     }
     assert {p.name for p in (run / "eval").iterdir()} == {
-        "metrics.json", "predictions.csv", "reliability.png", "pit_histogram.png", "predicted_vs_true.png"
+        "metrics.json", "predictions.csv", "reliability.png", "pit_histogram.png", "predicted_vs_true.png",
+        "coverage_by_bin.png",
     }
     out = result.output
     assert "epoch   1/2" in out and "epoch   2/2" in out
@@ -48,11 +49,12 @@ def test_train_writes_the_run_folder_and_resumes(tiny_config, tmp_path):
     resolved = yaml.safe_load((run / "config.yaml").read_text())
     assert resolved["model"]["components"] == 2 and resolved["train"]["warmup_epochs"] == 1.0
 
-    # a seeded random split of all 60 images, saved for evaluation
+    # a split of all 60 images into four, saved for evaluation and resume, and said
     splits = rows(run / "splits.csv")
     assert len(splits) == 60
-    assert {r["split"] for r in splits} == {"train", "val", "test"}
-    assert sum(r["split"] == "test" for r in splits) == 12
+    assert {r["split"] for r in splits} == {"train", "val", "calibration", "test"}
+    counts = {s: sum(r["split"] == s for r in splits) for s in ("train", "val", "calibration", "test")}
+    assert f"{counts['train']} train / {counts['val']} val / {counts['calibration']} calibration / {counts['test']} test" in out
 
     history = rows(run / "metrics.csv")
     assert [int(r["epoch"]) for r in history] == [1, 2]
@@ -70,7 +72,7 @@ def test_train_writes_the_run_folder_and_resumes(tiny_config, tmp_path):
     assert last["epoch"] == 2 and {"optimizer", "scheduler", "history", "best_val_nll"} <= set(last)
 
     test_metrics = json.loads((run / "eval" / "metrics.json").read_text())
-    assert test_metrics["n"] == 12 and "test metrics of the best checkpoint" in out
+    assert test_metrics["n"] == counts["test"] and "test metrics of the best checkpoint" in out
     assert "oracle" in test_metrics  # the toy data's truth.csv is found
 
     # a second start into the same folder refuses, naming the ways out

@@ -11,13 +11,13 @@ from conftest import write_config
 from typer.testing import CliRunner
 
 from mdn_cli import cache as cache_module
-from mdn_cli import mixture as mx
 from mdn_cli.cache import DecodedCache
 from mdn_cli.cli import app
 from mdn_cli.config import load_config
 from mdn_cli.dataset import decode_square
+from mdn_cli.engine import make_optimizer
 from mdn_cli.model import MDNRegressor
-from mdn_cli.train import _make_optimizer, model_args
+from mdn_cli.train import model_args
 
 runner = CliRunner()
 
@@ -67,7 +67,7 @@ def test_unfreeze_after_trains_the_head_first_then_everything(tmp_path, toy_data
 def test_backbone_learning_rate_scale():
     cfg = load_config(None, ["model.pretrained=false", "train.lr=0.01", "train.backbone_lr_scale=0.1", "data.image_size=32"])
     model = MDNRegressor(model_args(cfg))
-    groups = _make_optimizer(model, cfg).param_groups
+    groups = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.backbone_lr_scale).param_groups
     backbone = {id(p) for p in model.backbone.parameters()}
     for group in groups:
         in_backbone = {id(p) in backbone for p in group["params"]}
@@ -108,29 +108,11 @@ def test_disk_cache_survives_restarts_and_rebuilds_changed_files(tmp_path, toy_d
     assert len(calls) == 1
 
 
-def test_conformal_calibration_moves_the_reported_intervals(tmp_path, toy_data):
-    config = write_config(tmp_path / "c.yaml", toy_data, tmp_path / "runs", train={"epochs": 2, "batch_size": 8, "calibration": "conformal"})
-    result = mdn("train", config)
-    assert result.exit_code == 0, result.output
-    best = tmp_path / "runs/tiny/best.pt"
-    probs = torch.load(best, weights_only=True)["calibration"]["interval_probs"]
-    assert len(probs) == 4 and probs[0] < probs[1] and probs[2] < probs[3]
-    out = mdn("predict", toy_data / "images" / "00000.png", "-c", best, "-f", "json")
-    assert out.exit_code == 0, out.output
-    row = json.loads(out.stdout)[0]
-    comps = row["components"]  # the calibrated mixture: its CDF at the interval ends gives back the stored levels
-    m = mx.Mixture(torch.tensor([[c["weight"] for c in comps]]), torch.tensor([[c["mean"] for c in comps]]),
-                   torch.tensor([[c["std"] for c in comps]]))
-    ends = [*row["interval_68"], *row["interval_95"]]
-    got = [float(mx.cdf(m, torch.tensor([e]))) for e in ends]
-    assert got == pytest.approx(probs, abs=1e-6)
-
-
 def test_evaluate_reports_before_and_after_the_std_scale(tmp_path, toy_data):
     config = write_config(tmp_path / "c.yaml", toy_data, tmp_path / "runs", train={"epochs": 1, "batch_size": 8})
     assert mdn("train", config).exit_code == 0
     ckpt = torch.load(tmp_path / "runs/tiny/best.pt", weights_only=True)
-    ckpt["calibration"] = {"sigma_scale": 2.0}
+    ckpt["calibration"] = {"method": "scale", "sigma_scale": 2.0}
     scaled = tmp_path / "runs/tiny/scaled.pt"
     torch.save(ckpt, scaled)
     result = mdn("evaluate", "-c", scaled, "-o", tmp_path / "e")
