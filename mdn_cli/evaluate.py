@@ -53,12 +53,12 @@ def examples_for(
         if not splits_file.is_file():
             raise DataError(f"{splits_file}: not found; evaluate needs the run folder of the checkpoint, or pass --data LABELS.csv")
         split = split or "test"
-        examples = read_labels(splits_file, Path(d["root"]), "image", "target", "split", transform)
+        examples = read_labels(splits_file, Path(d["root"]), "image", "target", "split", transform).examples
         chosen = [e for e in examples if e.split == split]
         if not chosen:
             raise DataError(f"{splits_file}: the run has no '{split}' images; choose --split train|val|test or pass --data")
         return chosen, Path(d["root"]), f"{len(chosen)} {split} images of {run_dir}"
-    examples = read_labels(data, data.parent, d["image_column"], d["target_column"], d["split_column"], transform)
+    examples = read_labels(data, data.parent, d["image_column"], d["target_column"], d["split_column"], transform).examples
     if split is not None and examples[0].split is not None:
         examples = [e for e in examples if e.split == split]
         if not examples:

@@ -69,7 +69,7 @@ def load_examples(cfg: Config) -> tuple[list[Example], list[str]]:
         cfg.data.target_column,
         cfg.data.split_column,
         cfg.data.target_transform,
-    )
+    ).examples
     splits = assign_splits(examples, cfg.data.val_fraction, cfg.data.test_fraction, cfg.run.seed)
     return examples, splits
 

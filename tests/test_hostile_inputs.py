@@ -134,7 +134,7 @@ def labels(folder: Path, text: str, encoding="utf-8") -> Path:
 
 
 def read(folder, path, transform="none", split_column="split"):
-    return read_labels(path, folder, "image", "weight", split_column, transform)
+    return read_labels(path, folder, "image", "weight", split_column, transform).examples
 
 
 def test_labels_file_problems_are_reported_all_at_once_with_lines(folder):
