@@ -135,7 +135,7 @@ def labels(folder: Path, text: str, encoding="utf-8") -> Path:
 
 
 def read(folder, path, transform="none", split_column="split"):
-    return read_labels(path, folder, "image", "weight", split_column, transform)
+    return read_labels(path, folder, "image", "weight", split_column, transform).examples
 
 
 def test_labels_file_problems_are_reported_all_at_once_with_lines(folder):
@@ -167,12 +167,12 @@ def test_non_positive_targets_under_log(folder):
     with pytest.raises(DataError, match="target_transform: log") as e:
         read(folder, path, transform="log")
     assert f"{path}:2:" in str(e.value) and f"{path}:3:" in str(e.value)
-    assert len(read(folder, path).examples) == 3  # fine without the log transform
+    assert len(read(folder, path)) == 3  # fine without the log transform
 
 
 def test_bom_exact_duplicates_and_extra_columns(folder):
     path = labels(folder, "\ufeffimage,weight,notes\nimg/0.png,1.5,a\nimg/0.png,1.5,a\nimg/1.png,2,b\n")
-    examples = read(folder, path).examples
+    examples = read(folder, path)
     assert [e.image for e in examples] == ["img/0.png", "img/1.png"]  # the exact duplicate is dropped
 
 
@@ -200,11 +200,11 @@ def test_missing_labels_file(folder):
 
 def test_a_split_left_empty_and_too_small_for_the_batch(folder):
     path = labels(folder, "image,weight,split\n" + "".join(f"img/{i}.png,{i},train\n" for i in range(6)))
-    plan = assign_splits(read(folder, path).examples, folder, 0.15, 0.1, 0.15, 0)
+    plan = assign_splits(read(folder, path), folder, 0.15, 0.1, 0.15, 0)
     with pytest.raises(DataError, match="0 val images"):
         check_split_sizes(plan.splits, 2, path)
     path = labels(folder, "image,weight\n" + "".join(f"img/{i}.png,{i}\n" for i in range(6)))
-    plan = assign_splits(read(folder, path).examples, folder, 0.5, 0.0, 0.0, 0)  # a few val, a few train
+    plan = assign_splits(read(folder, path), folder, 0.5, 0.0, 0.0, 0)  # a few val, a few train
     with pytest.raises(DataError, match="fewer than train.batch_size=32"):
         check_split_sizes(plan.splits, 32, path)
 
