@@ -150,7 +150,7 @@ def _convert(module: nn.Module) -> nn.Module:
 class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training-mode statistics are those of the batch of all processes, for CPU
     process groups (torch's SyncBatchNorm needs GPU kernels). Differentiable: the statistics are
-    summed with torch.distributed.nn's all_reduce, whose backward sums the gradients back.
+    summed over processes by an all-reduce whose backward sums the gradients back.
     Two passes in float64 (mean, then the spread around it), like cuDNN's numerics."""
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
@@ -160,16 +160,14 @@ class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         count = torch.tensor([x.numel() // x.shape[1]], dtype=torch.float64)
-        totals = all_reduce(torch.cat([x.double().sum(dims), count]))
+        totals = _AllReduceSum.apply(torch.cat([x.double().sum(dims), count]))
         n = totals[-1]
         mean = totals[:-1] / n
         centred = x.double() - mean.view(shape)
-        var = all_reduce(centred.pow(2).sum(dims)) / n
+        var = _AllReduceSum.apply(centred.pow(2).sum(dims)) / n
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -180,3 +178,20 @@ class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes, differentiable: the gradient of every process's input is the sum of
+    the gradients of every process's output."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad

@@ -13,6 +13,7 @@ shows progress and writes files (see distributed.py).
 from __future__ import annotations
 
 import csv
+import gc
 import math
 import time
 from collections.abc import Callable
@@ -298,7 +299,10 @@ class Training:
         frozen = self.frozen(epoch)
         name = "head" if frozen else "model"
         if self._trainable is None or self._trainable[0] != name:
-            self._trainable = None  # drop the other phase's DDP wrapper (and its gradient hooks) first
+            # Drop the other phase's DDP wrapper first: its gradient hooks stay on the shared head
+            # parameters until it is collected.
+            self._trainable = None
+            gc.collect()
             module = self.model.head if frozen else self.model
             wrapped = self.dist.wrap(module, self.runtime.device, find_unused_parameters=self.args.backbone.startswith("timm/"))
             if self.cfg.train.compile and not frozen:
@@ -330,8 +334,9 @@ class Training:
 
     def fit(self, epoch: int):
         torch.manual_seed(self.cfg.run.seed * 1_000_003 + epoch)  # stochastic layers inside backbones: the same on resume
-        module, train_loader, _ = self.trainable(epoch)
+        # Before wrapping: DDP only synchronises the parameters that require gradients when it is built.
         set_train_mode(self.model, self.frozen(epoch), self.cfg.train.batch_size)
+        module, train_loader, _ = self.trainable(epoch)
         fitter = Fitter(
             module, self.optimizer, self.scheduler, self.grad_scaler, self.targets, self.runtime, self.dist,
             dropout=self.args.dropout, feature_dim=self.model.feature_dim, grad_clip=self.cfg.train.grad_clip,
