@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import signal
 from pathlib import Path
 
 import pytest
@@ -52,3 +54,22 @@ def write_config(path: Path, data_root: Path, out_dir: Path, **sections) -> Path
 @pytest.fixture
 def tiny_config(tmp_path, toy_data) -> Path:
     return write_config(tmp_path / "config.yaml", toy_data, tmp_path / "runs")
+
+
+@contextlib.contextmanager
+def within(seconds: float):
+    """Fail instead of hanging: SIGALRM interrupts a pure-Python loop (the YAML parser is one)."""
+    if not hasattr(signal, "setitimer"):  # Windows: no alarm; the test still runs, unbounded
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
