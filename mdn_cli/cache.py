@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .dataset import decode_square
+from .images import decode_square
 from .errors import DataError
 from .files import atomic_writer
 

@@ -13,12 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .images import UnreadableImageError, load_rgb
+from .images import UnreadableImageError, decode_square
 
 if TYPE_CHECKING:
     from .cache import DecodedCache
@@ -118,24 +116,6 @@ class SeededSampler(torch.utils.data.Sampler):
         order = (order * math.ceil(total / max(1, self.n)))[:total]
         for i in order[self.rank :: self.world_size]:
             yield i, seeds[i]
-
-
-def decode_square(path: Path, size: int) -> torch.Tensor:
-    """Decode an image, resize its shorter side to `size` and take the centre square: uint8 (3, S, S).
-    This is all the per-image work that does not change between epochs (what the caches keep)."""
-    image = load_rgb(path, draft_size=size)
-    w, h = image.size
-    scale = size / min(w, h)
-    new = (max(size, round(w * scale)), max(size, round(h * scale)))
-    left, top = (new[0] - size) // 2, (new[1] - size) // 2
-    if new != (w, h):
-        # resize straight to the crop box: one resampling pass, and only over the pixels kept
-        box = (left / scale, top / scale, (left + size) / scale, (top + size) / scale)
-        image = image.resize((size, size), Image.BILINEAR, box=box, reducing_gap=3.0)
-    else:
-        image = image.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
-
 
 
 @dataclass

@@ -48,6 +48,12 @@ class Predictor:
         scale = self.calibration.sigma_scale
         return m.scaled(scale) if calibrated and scale != 1.0 else m
 
+    def outputs_of(self, images: torch.Tensor, runtime: Runtime) -> Outputs:
+        """Head outputs for a batch of prepared uint8 images (N, 3, S, S)."""
+        n = images.shape[0]
+        batch = Batch(images, torch.full((n,), math.nan, dtype=torch.float64), torch.arange(n), torch.full((n,), -1), [])
+        return run_model(self.model, [batch], runtime, on_skip=print)
+
     def run(
         self,
         paths: list[Path],

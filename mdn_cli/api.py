@@ -1,0 +1,93 @@
+"""Predicting from Python: load a checkpoint once, then predict images as often as needed.
+
+    from mdn_cli.api import Model
+
+    model = Model.load("runs/toy/best.pt")
+    records = model.predict(["puppy.jpg", PIL.Image.open("other.png")])
+    records[0]["mean"], records[0]["interval_95"]
+
+Each record is exactly what `mdn predict --format json` prints for an image, without the "image"
+key: mean, std, median, mode, the central intervals, the components and how the intervals were
+calibrated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .calibration import DEFAULT_LEVELS
+from .images import decode_square, square
+from .inference import Outputs, Predictor
+from .predict import summarize
+from .runtime import Runtime, select_runtime
+
+ImageLike = str | Path | bytes | Image.Image | np.ndarray | torch.Tensor
+
+
+class Model:
+    """A trained model on a device, ready to predict."""
+
+    def __init__(self, predictor: Predictor, runtime: Runtime, checkpoint: Path):
+        self.predictor, self.runtime, self.checkpoint = predictor, runtime, checkpoint
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, device: str = "auto", precision: str = "fp32") -> Model:
+        """Load a checkpoint (best.pt, or an ensemble). Raises mdn_cli.errors.CheckpointError."""
+        runtime = select_runtime(device, precision, what="precision")
+        predictor, _ = Predictor.from_checkpoint(checkpoint, runtime)
+        return cls(predictor, runtime, Path(checkpoint))
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square the model sees, in pixels."""
+        return self.predictor.model.args.image_size
+
+    def prepare(self, image: ImageLike, name: str | None = None) -> torch.Tensor:
+        """One image as the model's uint8 input (3, S, S): decoded, upright, RGB, resized so its
+        shorter side is S, centre square. Paths and bytes go through the same checks as
+        `mdn predict` (raises mdn_cli.images.UnreadableImageError naming `name`)."""
+        size = self.image_size
+        if isinstance(image, (str, Path, bytes, bytearray)):
+            return decode_square(image, size, name=name)
+        if isinstance(image, Image.Image):
+            return square(image.convert("RGB"), size)
+        array = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+        if array.dtype != np.uint8 or array.ndim != 3:
+            raise ValueError(f"expected a uint8 image array (H, W, 3) or (3, H, W), got {array.dtype} {array.shape}")
+        if array.shape[0] == 3 and array.shape[-1] != 3:
+            array = array.transpose(1, 2, 0)
+        return square(Image.fromarray(np.ascontiguousarray(array), "RGB"), size)
+
+    def predict_prepared(self, batch: torch.Tensor, levels: Sequence[float] = DEFAULT_LEVELS) -> list[dict]:
+        """Records for a batch of prepared images, uint8 (N, 3, S, S)."""
+        with torch.inference_mode():
+            outputs = self.predictor.outputs_of(batch, self.runtime)
+        return summarize(self.predictor.mixture(outputs), self.predictor.calibration, tuple(levels))
+
+    def predict(self, images: Sequence[ImageLike], levels: Sequence[float] = DEFAULT_LEVELS, batch_size: int = 32) -> list[dict]:
+        """One record per image, in order."""
+        records: list[dict] = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            records += self.predict_prepared(torch.stack([self.prepare(image) for image in chunk]), levels)
+        return records
+
+    def describe(self) -> dict:
+        """What the model is: backbone, components, input size, target transform, calibration."""
+        args = self.predictor.model.args
+        return {
+            "checkpoint": str(self.checkpoint),
+            "backbone": args.backbone,
+            "components": args.components,
+            "image_size": args.image_size,
+            "target_transform": self.predictor.scaler.transform,
+            "calibration": self.predictor.calibration.describe(),
+        }
+
+
+__all__ = ["Model", "Outputs"]
