@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from .images import decode_square
 from .errors import DataError
 from .files import atomic_writer
+from .images import decode_square
 
 
 def cache_directory(setting: str | None) -> Path:

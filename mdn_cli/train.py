@@ -286,9 +286,8 @@ class Training:
 
     def should_stop(self) -> bool:
         patience = self.cfg.train.early_stopping_patience
-        restart = self.segments[-1].start  # an extended run counts from its warm restart
-        before = min((row[self.selection] for row in self.history[:restart]), default=math.inf)
-        since = epochs_since_best(self.history[restart:], self.selection, before)
+        restart = self.segments[-1].start  # an extended run counts from its warm restart, as a run of its own
+        since = epochs_since_best(self.history[restart:], self.selection)
         if patience and since >= patience:
             self.log(f"early stopping: the {self.selection.replace('_', ' ')} has not improved for {since} epochs")
             return True
@@ -456,9 +455,9 @@ class Training:
         self.log(f"best checkpoint ({self.selection.replace('_', ' ')} {self.best_val:.4f}): {best_path}")
 
 
-def epochs_since_best(history: list[dict], key: str, best: float = math.inf) -> int:
-    """Epochs at the end of `history` without a value below the best before it (or `best`)."""
-    since = 0
+def epochs_since_best(history: list[dict], key: str) -> int:
+    """Epochs at the end of `history` without a new lowest `key`."""
+    best, since = math.inf, 0
     for row in history:
         if row[key] < best:
             best, since = row[key], 0
