@@ -22,8 +22,8 @@ from PIL import Image
 
 from .calibration import DEFAULT_LEVELS
 from .images import decode_square, square
-from .inference import Outputs, Predictor
-from .predict import summarize
+from .inference import Predictor
+from .predict import records
 from .runtime import Runtime, select_runtime
 
 ImageLike = str | Path | bytes | Image.Image | np.ndarray | torch.Tensor
@@ -44,8 +44,8 @@ class Model:
 
     @property
     def image_size(self) -> int:
-        """Side of the square the model sees, in pixels."""
-        return self.predictor.model.args.image_size
+        """Side of the square images are prepared at, in pixels."""
+        return self.predictor.image_size
 
     def prepare(self, image: ImageLike, name: str | None = None) -> torch.Tensor:
         """One image as the model's uint8 input (3, S, S): decoded, upright, RGB, resized so its
@@ -65,9 +65,7 @@ class Model:
 
     def predict_prepared(self, batch: torch.Tensor, levels: Sequence[float] = DEFAULT_LEVELS) -> list[dict]:
         """Records for a batch of prepared images, uint8 (N, 3, S, S)."""
-        with torch.inference_mode():
-            outputs = self.predictor.outputs_of(batch, self.runtime)
-        return summarize(self.predictor.mixture(outputs), self.predictor.calibration, tuple(levels))
+        return records(self.predictor, self.predictor.predict_batch(batch, self.runtime), tuple(levels))
 
     def predict(self, images: Sequence[ImageLike], levels: Sequence[float] = DEFAULT_LEVELS, batch_size: int = 32) -> list[dict]:
         """One record per image, in order."""
@@ -78,16 +76,18 @@ class Model:
         return records
 
     def describe(self) -> dict:
-        """What the model is: backbone, components, input size, target transform, calibration."""
-        args = self.predictor.model.args
+        """What the model is: members (backbone, components, input size), target transform,
+        calibration, unfamiliar-image warning."""
+        p = self.predictor
         return {
             "checkpoint": str(self.checkpoint),
-            "backbone": args.backbone,
-            "components": args.components,
-            "image_size": args.image_size,
-            "target_transform": self.predictor.scaler.transform,
-            "calibration": self.predictor.calibration.describe(),
+            "members": [{"backbone": m.model.args.backbone, "components": m.model.args.components,
+                         "image_size": m.model.args.image_size} for m in p.members],
+            "image_size": p.image_size,
+            "target_transform": p.transform,
+            "calibration": p.calibration.describe(),
+            "unfamiliar_images": p.unfamiliar.describe() if p.unfamiliar is not None else None,
         }
 
 
-__all__ = ["Model", "Outputs"]
+__all__ = ["Model"]

@@ -1,7 +1,11 @@
-"""Fit a checkpoint's post-hoc calibration on held-out images (after training, and for ensembles).
+"""Fit a checkpoint's post-hoc steps on held-out images: after training, and for ensembles.
 
-The std scale is fitted on val images (which already chose the epoch); the conformal levels on
-calibration images that nothing else has touched. See calibration.py for the maths.
+    feature bank   features of up to 2048 train images per member (the unfamiliar-image score)
+    std scale      on the val split, which already chose the epoch (shapes the model)
+    conformal      interval levels and the unfamiliar-image threshold, on the calibration split,
+                   which nothing else has touched (carries the guarantees)
+
+See calibration.py and ood.py for the maths.
 """
 
 from __future__ import annotations
@@ -17,41 +21,56 @@ from .checkpoint import save_checkpoint
 from .errors import DataError
 from .inference import Predictor
 from .labels import Example
+from .ood import NeighbourDistance, UnfamiliarImages, images_needed, normalise, subsample
 from .runtime import Runtime
 
 
 def calibrate_checkpoint(
     path: Path,
     method: str,
-    val: list[Example],
-    calibration: list[Example],
+    splits: dict[str, list[Example]],
     runtime: Runtime,
     num_workers: int | str,
     log: Callable[[str], None],
     on_skip: Callable[[str], None],
+    ood_quantile: float | None = 0.99,
 ) -> Calibration:
-    """Fit `method` (none | scale | conformal) for the checkpoint at `path` and store it there."""
+    """Fit `method` (none | scale | conformal) and the unfamiliar-image warning for the checkpoint
+    at `path` (a model or an ensemble) and store them there. `splits`: train, val, calibration."""
     predictor, ckpt = Predictor.from_checkpoint(path, runtime)
+
+    def run(examples: list[Example]):
+        return predictor.run([e.path for e in examples], runtime, [e.target for e in examples], num_workers=num_workers, on_skip=on_skip)
+
+    if ood_quantile is not None and any(m.bank is None for m in predictor.members):
+        train = splits["train"]
+        chosen = [train[i] for i in subsample(len(train))]
+        features = run(chosen).features
+        states = ckpt["members"] if ckpt.get("kind") == "ensemble" else [ckpt]
+        for state, member, f in zip(states, predictor.members, features):
+            if member.bank is None:
+                state["feature_bank"] = NeighbourDistance(normalise(f)).state()
+        predictor, _ = Predictor.from_checkpoint_state(ckpt, runtime)
+        log(f"feature bank of {len(chosen)} train images for the unfamiliar-image warning")
+
     result = Calibration()
     if method != "none":
-        val_out = predictor.run([e.path for e in val], runtime, [e.target for e in val], num_workers=num_workers, on_skip=on_skip)
-        if len(val_out.targets) == 0:
+        val = run(splits["val"])
+        if len(val.targets) == 0:
             raise DataError("no val image could be read: the std scale cannot be fitted")
-        fit = fit_sigma_scale(predictor.scaler.to_mixture(*val_out.heads), val_out.targets)
-        result = Calibration("scale", fit.scale, len(val_out.targets))
-        log(f"std scale on {len(val_out.targets)} val images: component stds x {fit.scale:.3f}, "
+        fit = fit_sigma_scale(predictor.mixture(val, calibrated=False), val.targets)
+        result = Calibration("scale", fit.scale, len(val.targets))
+        log(f"std scale on {len(val.targets)} val images: component stds x {fit.scale:.3f}, "
             f"val NLL {fit.nll_before:.4f} -> {fit.nll_after:.4f}")
-    if method == "conformal":
-        if not calibration:
-            log("note: no calibration images, so the intervals carry no coverage guarantee "
-                "(raise data.calibration_fraction or add 'calibration' rows to the split column)")
-        else:
-            predictor.calibration = result
-            out = predictor.run([e.path for e in calibration], runtime, [e.target for e in calibration],
-                                num_workers=num_workers, on_skip=on_skip)
-            m = predictor.mixture(out)
-            pit = mx.cdf(m, out.targets).sort().values
-            hdr = mx.hdr_score(m, out.targets).sort().values if hasattr(mx, "hdr_score") else torch.empty(0, dtype=torch.float64)
+    predictor.calibration = result
+
+    unfamiliar = None
+    if splits["calibration"] and (method == "conformal" or ood_quantile is not None):
+        cal = run(splits["calibration"])
+        m = predictor.mixture(cal)
+        if method == "conformal":
+            pit = mx.cdf(m, cal.targets).sort().values
+            hdr = mx.hdr_score(m, cal.targets).sort().values if hasattr(mx, "hdr_score") else torch.empty(0, dtype=torch.float64)
             result = Calibration("conformal", result.sigma_scale, result.val_images, pit, hdr)
             levels = ", ".join(
                 f"{level:.0%} -> CDF levels {lo:.4f}..{hi:.4f}" for level in DEFAULT_LEVELS for lo, hi in [result.interval_probs(level)]
@@ -59,5 +78,23 @@ def calibrate_checkpoint(
             log(f"conformal intervals on {result.n_images} calibration images: {levels}")
             if "warning" in result.describe():
                 log(f"warning: {result.describe()['warning']}")
-    save_checkpoint({**ckpt, "calibration": result.state()}, path)
+        if ood_quantile is not None:
+            banks = [member.bank.bank for member in predictor.members]  # type: ignore[union-attr]
+            unfamiliar = UnfamiliarImages.fit(banks, cal.features, ood_quantile)
+            if unfamiliar.threshold == float("inf"):
+                log(f"warning: {len(cal.targets)} calibration images are too few for an unfamiliar-image threshold at "
+                    f"{ood_quantile} (needs at least {images_needed(ood_quantile)}): predictions carry no such warning")
+                unfamiliar = None
+            else:
+                log(f"unfamiliar-image threshold on {unfamiliar.n_images} calibration images: flags about "
+                    f"{1 - ood_quantile:.1%} of images like them")
+    elif method == "conformal" or ood_quantile is not None:
+        log("note: no calibration images, so the intervals carry no coverage guarantee and unfamiliar images are not flagged "
+            "(raise data.calibration_fraction or add 'calibration' rows to the split column)")
+    ckpt["calibration"] = result.state()
+    if unfamiliar is not None:
+        ckpt["unfamiliar"] = unfamiliar.state()
+    else:
+        ckpt.pop("unfamiliar", None)
+    save_checkpoint(ckpt, path)
     return result

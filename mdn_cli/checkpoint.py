@@ -5,10 +5,15 @@ A checkpoint is a dict of plain data and tensors:
     config          the resolved config (nested dict)
     model_args      ModelArgs as a dict: rebuilds the network without the config
     target_scaler   TargetScaler as a dict: undoes standardisation and the target transform
-    calibration     {"sigma_scale": float, ...} post-hoc calibration (1.0 = none)
     model           model state_dict
     epoch           epochs completed
-    ... training state (optimizer, scheduler, history, best_val_nll) in last.pt
+    data            {"labels_sha256", "splits"}: the labels file and split the run was trained on
+    calibration     Calibration.state(): std scale, sorted calibration scores (calibration.py)
+    feature_bank    training features for the unfamiliar-image score (ood.py), after training
+    unfamiliar      the unfamiliar-image threshold (ood.py), after training
+    ... training state (optimizer, scheduler, schedule, grad_scaler, history, best_val_nll) in last.pt
+An ensemble (kind: "ensemble") holds `members`, each with the model keys above, and its own
+config, data, calibration and unfamiliar entries.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ import torch
 from .errors import CheckpointError
 from .files import atomic_writer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 REQUIRED_KEYS = ("format_version", "config", "model_args", "target_scaler", "model")
+ENSEMBLE_KEYS = ("format_version", "config", "members", "calibration")
 
 
 def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
@@ -54,8 +60,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from None
     except Exception as e:  # noqa: BLE001 - truncated zips, random bytes and legacy pickles fail in many ways
         raise CheckpointError(f"{path}: not a readable mdn checkpoint (truncated or not a checkpoint: {type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
-        raise CheckpointError(f"{path}: not an mdn checkpoint (missing {', '.join(k for k in REQUIRED_KEYS if not isinstance(ckpt, dict) or k not in ckpt)})")
+    required = ENSEMBLE_KEYS if isinstance(ckpt, dict) and ckpt.get("kind") == "ensemble" else REQUIRED_KEYS
+    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: not an mdn checkpoint (missing {', '.join(missing)})")
     version = ckpt["format_version"]
     if version != FORMAT_VERSION:
         raise CheckpointError(

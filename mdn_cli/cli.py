@@ -56,6 +56,9 @@ def train(
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run from its last.pt.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished or stale run of the same name.")] = False,
+    members: Annotated[
+        int, typer.Option("--members", min=1, help="Train this many members (seeds run.seed, run.seed+1, ...) and their ensemble.")
+    ] = 1,
 ) -> None:
     """Train a backbone + MDN head; writes config.yaml, splits.csv, metrics.csv, last.pt and best.pt
     to run.out_dir/run.name."""
@@ -70,9 +73,14 @@ def train(
     cfg = None
     try:
         cfg = load_config(config, set_ or [])
-        from .train import train as run_training
+        if members > 1:
+            from .ensemble import train_members
 
-        run_training(cfg, resume=resume, overwrite=overwrite)
+            train_members(cfg, members, resume=resume, overwrite=overwrite, log=typer.echo)
+        else:
+            from .train import train as run_training
+
+            run_training(cfg, resume=resume, overwrite=overwrite)
     except MdnError as e:
         raise fail(str(e), e.exit_code) from None
     except KeyboardInterrupt:
@@ -83,6 +91,31 @@ def train(
         else:
             hint = f"no epoch was completed, so there is nothing to resume. Start again with: mdn train {config}{extra}"
         raise fail(f"interrupted; {hint}", EXIT_INTERRUPTED) from None
+
+
+@app.command()
+def ensemble(
+    checkpoints: Annotated[list[Path], typer.Argument(help="Trained members: best.pt files of runs on the same labels and split.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Run folder for the ensemble (or a .pt path in one).")] = Path("runs/ensemble"),
+    data_root: Annotated[
+        Path | None, typer.Option("--data-root", help="Where the images are now, if not where the first member was trained.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an ensemble already at --output.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+) -> None:
+    """Combine trained models into one checkpoint that predicts their average mixture, with its
+    own calibration (std scale on val, conformal levels and the unfamiliar-image threshold on the
+    calibration split) and its test-split scores.
+
+    Example: mdn ensemble runs/toy-1/best.pt runs/toy-2/best.pt runs/toy-3/best.pt -o runs/toy-ens"""
+    try:
+        from .ensemble import build_ensemble
+
+        path = build_ensemble(checkpoints, output, device=device, data_root=data_root, overwrite=overwrite,
+                              log=typer.echo, on_skip=lambda m: typer.secho(f"skipped: {m}", err=True, fg=typer.colors.YELLOW))
+    except MdnError as e:
+        raise fail(str(e), e.exit_code) from None
+    typer.echo(f"ensemble checkpoint: {path}")
 
 
 def _levels(text: str | None) -> tuple[float, ...]:

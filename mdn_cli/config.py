@@ -168,6 +168,9 @@ class TrainConfig(_Section):
     """After training: scale = one factor on all component stds fitted on the val split;
     conformal = that, then interval levels fitted on the calibration split (a coverage
     guarantee); none = off."""
+    ood_quantile: float | None = Field(0.99, gt=0.5, lt=1.0)
+    """Unfamiliar-image warning: the share of images like the calibration images that pass
+    unflagged (the threshold is that quantile of their scores); null turns the warning off."""
 
 
 class Config(_Section):

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import mixture as mx
-from .calibration import nll_sums
+from .calibration import SELECTION_SCALES, nll_sums
 from .dataset import Batch
 from .distributed import Dist
 from .errors import TrainingError
@@ -262,10 +262,11 @@ def validate_epoch(
 ) -> Validation:
     """Scores on this process's share of the val split, summed over all processes."""
     out = run_model(module, batches, runtime, on_skip)
-    m, y = targets.to_mixture(*out.heads), out.targets
-    nll_sum, abs_err_sum, n, *scaled = dist.sum(
-        [float(-mx.log_prob(m, y).sum()), float((mx.mean(m) - y).abs().sum()), len(y), *nll_sums(m, y)]
-    )
+    sums = [0.0, 0.0, 0, *([0.0] * len(SELECTION_SCALES))]  # a process whose share did not decode still takes part
+    if len(out.targets):
+        m, y = targets.to_mixture(*out.heads), out.targets
+        sums = [float(-mx.log_prob(m, y).sum()), float((mx.mean(m) - y).abs().sum()), len(y), *nll_sums(m, y)]
+    nll_sum, abs_err_sum, n, *scaled = dist.sum(sums)
     if n == 0:
         return Validation(math.nan, math.nan, math.nan, 0)
     return Validation(nll_sum / n, min(scaled) / n, abs_err_sum / n, int(n))

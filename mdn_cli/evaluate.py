@@ -88,7 +88,7 @@ def score_examples(
     """Predict every example and score the predictions: as reported (calibrated), and before any
     calibration, and against the true distribution when the data has one (toy data)."""
     outputs = predictor.run([e.path for e in examples], runtime, [e.target for e in examples], num_workers=num_workers,
-                            on_skip=on_skip)
+                            on_skip=on_skip, progress=True)
     if outputs.targets.numel() == 0:
         raise DataError("no image could be read, nothing to score")
     kept = [examples[i] for i in outputs.indices.tolist()]
@@ -103,6 +103,15 @@ def score_examples(
         "by_target": metrics.conditional_coverage(m, y, calibration, y, levels=levels),
         "by_predicted_std": metrics.conditional_coverage(m, y, calibration, mx.std(m), levels=levels),
     }
+    ood = predictor.ood_scores(outputs)
+    if ood is not None:
+        flagged = ood > 1.0
+        result["unfamiliar"] = {"flagged_fraction": float(flagged.double().mean()), "flagged_images": int(flagged.sum()),
+                                **predictor.unfamiliar.describe()}  # type: ignore[union-attr]
+        for name, rows in (("flagged", flagged), ("not_flagged", ~flagged)):
+            if rows.any():
+                part = mx.Mixture(m.weights[rows], m.means[rows], m.stds[rows], m.transform)
+                result["unfamiliar"][name] = metrics.score(part, y[rows], calibration, levels)
     oracle = oracle_mixture(kept, root)
     if oracle is not None:
         result["oracle"] = {
@@ -223,6 +232,13 @@ def format_metrics(result: dict) -> str:
     lines.append(f"{'images'.ljust(width)}  {n:>18d}")
     if "calibration" in result:
         lines.append(f"intervals: {result['calibration']['guarantee']}")
+    if "unfamiliar" in result:
+        u = result["unfamiliar"]
+        line = f"unfamiliar-image warning: {u['flagged_images']} of {n} images flagged ({u['flagged_fraction']:.1%})"
+        if "flagged" in u and "not_flagged" in u:
+            line += (f"; MAE {u['flagged']['mae_mean']:.4g} flagged vs {u['not_flagged']['mae_mean']:.4g} not, "
+                     f"NLL {u['flagged']['nll']:.4g} vs {u['not_flagged']['nll']:.4g}")
+        lines.append(line)
     by_std = result.get("conditional", {}).get("by_predicted_std", [])
     for k in keys:
         if by_std:

@@ -1,4 +1,11 @@
-"""Rebuild a trained model from a checkpoint and run it over a loader, batch by batch."""
+"""A trained model (or an ensemble of them) rebuilt from a checkpoint, run over images batch by batch.
+
+An ensemble of M members, each a mixture of K_m Gaussians, predicts one mixture of sum K_m
+Gaussians with every member's weights divided by M (Lakshminarayanan et al. 2017): every exact
+summary, score and calibration step applies to it unchanged. A single model is an ensemble of one.
+Images are prepared once, at the largest member's input size; smaller members see that square
+downscaled (antialiased) inside their forward pass, so every path (files, uploads, ONNX) agrees.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.nn import functional as F
 from tqdm import tqdm
 
 from .calibration import Calibration
@@ -16,43 +25,128 @@ from .dataset import Batch, ImageRegressionDataset, make_loader, resolve_num_wor
 from .errors import CheckpointError
 from .mixture import Mixture
 from .model import MDNRegressor, ModelArgs
+from .ood import NeighbourDistance, UnfamiliarImages
 from .runtime import Runtime
 from .targets import TargetScaler
 
 
 @dataclass
-class Predictor:
-    """A trained model ready to predict: the network, its target scaling and its calibration."""
+class Member:
+    """One trained network: its weights, its target scaling, and its training-feature bank."""
 
     model: MDNRegressor
     scaler: TargetScaler
+    bank: NeighbourDistance | None = None
+
+    @classmethod
+    def from_state(cls, state: dict) -> Member:
+        args = ModelArgs.from_dict(state["model_args"])
+        model = MDNRegressor(args, pretrained=False)
+        model.load_state_dict(state["model"])
+        bank = state.get("feature_bank")
+        return cls(model, TargetScaler.from_state_dict(state["target_scaler"]), NeighbourDistance.from_state(bank) if bank else None)
+
+
+class EnsembleForward(nn.Module):
+    """uint8 images (N, 3, S, S) at the largest member's size -> per member (logits, means, stds,
+    features), flattened into one tuple: what run_model collects."""
+
+    def __init__(self, members: list[MDNRegressor]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out: list[torch.Tensor] = []
+        for model in self.members:
+            size = model.args.image_size
+            x = images if images.shape[-1] == size else F.interpolate(images.float(), size=(size, size), mode="bilinear",
+                                                                      antialias=True, align_corners=False)
+            features = model.features(x)
+            out += [*model.head(features), features.float()]
+        return tuple(out)
+
+
+@dataclass
+class Predictions:
+    """Per-member head outputs and features for every image that decoded, in loader order, on the CPU."""
+
+    heads: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    """Per member (logits, means, stds), each (N, K_m) float32, standardised target space."""
+    features: list[torch.Tensor]
+    """Per member backbone features (N, D_m) float32."""
+    targets: torch.Tensor
+    """(N,) float64, target units (NaN when unlabelled)."""
+    indices: torch.Tensor
+    """(N,) int64: index of each row in the list of images."""
+
+
+@dataclass
+class Predictor:
+    """A trained model or ensemble ready to predict: members, calibration, unfamiliar-image warning."""
+
+    members: list[Member]
     calibration: Calibration
+    unfamiliar: UnfamiliarImages | None = None
 
     @classmethod
     def from_checkpoint(cls, path, runtime: Runtime) -> tuple[Predictor, dict]:
-        ckpt = load_checkpoint(path)
+        """Load and check a checkpoint file; returns the predictor and the checkpoint's contents."""
+        return cls.from_checkpoint_state(load_checkpoint(path), runtime, path)
+
+    @classmethod
+    def from_checkpoint_state(cls, ckpt: dict, runtime: Runtime, path="checkpoint") -> tuple[Predictor, dict]:
         try:
-            args = ModelArgs.from_dict(ckpt["model_args"])
-            model = MDNRegressor(args, pretrained=False)
-            model.load_state_dict(ckpt["model"])
-            scaler = TargetScaler.from_state_dict(ckpt["target_scaler"])
+            states = ckpt["members"] if ckpt.get("kind") == "ensemble" else [ckpt]
+            members = [Member.from_state(state) for state in states]
+            if len({m.scaler.transform for m in members}) != 1:
+                raise ValueError("members with different target transforms")
             calibration = Calibration.from_state(ckpt.get("calibration") or {})
+            unfamiliar = UnfamiliarImages.from_state(ckpt["unfamiliar"]) if ckpt.get("unfamiliar") else None
+            _check_plausible(members)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{path}: checkpoint contents do not match this mdn ({type(e).__name__}: {str(e)[:160]})") from None
-        runtime.prepare(model).eval()
-        return cls(model, scaler, calibration), ckpt
+            raise CheckpointError(f"{path}: checkpoint contents do not match this mdn ({type(e).__name__}: {str(e)[:200]})") from None
+        for member in members:
+            runtime.prepare(member.model).eval()
+        return cls(members, calibration, unfamiliar), ckpt
 
-    def mixture(self, outputs: Outputs, calibrated: bool = True) -> Mixture:
-        """The predicted mixtures in the model's target space (with the std scale unless not `calibrated`)."""
-        m = self.scaler.to_mixture(*outputs.heads)
-        scale = self.calibration.sigma_scale
-        return m.scaled(scale) if calibrated and scale != 1.0 else m
+    @property
+    def image_size(self) -> int:
+        """The side of the square images are prepared at (the largest member's input)."""
+        return max(m.model.args.image_size for m in self.members)
 
-    def outputs_of(self, images: torch.Tensor, runtime: Runtime) -> Outputs:
-        """Head outputs for a batch of prepared uint8 images (N, 3, S, S)."""
+    @property
+    def transform(self) -> str:
+        return self.members[0].scaler.transform
+
+    @property
+    def member_sizes(self) -> list[int]:
+        """Components per member, in the order of the mixture's columns."""
+        return [m.model.args.components for m in self.members]
+
+    def forward_module(self) -> EnsembleForward:
+        return EnsembleForward([m.model for m in self.members]).eval()
+
+    def mixture(self, predictions: Predictions, calibrated: bool = True) -> Mixture:
+        """The predicted mixtures in the model's target space (with the std scale unless not
+        `calibrated`): every member's components, weights divided by the number of members."""
+        parts = [m.scaler.to_mixture(*heads) for m, heads in zip(self.members, predictions.heads)]
+        scale = self.calibration.sigma_scale if calibrated else 1.0
+        return Mixture(
+            torch.cat([p.weights for p in parts], dim=1) / len(parts),
+            torch.cat([p.means for p in parts], dim=1),
+            torch.cat([p.stds for p in parts], dim=1) * scale,
+            self.transform,
+        )
+
+    def ood_scores(self, predictions: Predictions) -> torch.Tensor | None:
+        """(N,) ood_score (above 1: unlike the training images), or None without a warning model."""
+        return self.unfamiliar.scores(predictions.features) if self.unfamiliar is not None else None
+
+    def predict_batch(self, images: torch.Tensor, runtime: Runtime) -> Predictions:
+        """Predictions for a batch of prepared uint8 images (N, 3, S, S), S = image_size."""
         n = images.shape[0]
         batch = Batch(images, torch.full((n,), math.nan, dtype=torch.float64), torch.arange(n), torch.full((n,), -1), [])
-        return run_model(self.model, [batch], runtime, on_skip=print)
+        return self._collect(run_model(self.forward_module(), [batch], runtime, on_skip=print))
 
     def run(
         self,
@@ -63,22 +157,44 @@ class Predictor:
         num_workers: int | str = "auto",
         on_skip: Callable[[str], None] = print,
         progress: bool = False,
-    ) -> Outputs:
-        """Head outputs for every image of `paths` that decodes (unlabelled: NaN targets)."""
-        dataset = ImageRegressionDataset(paths, targets if targets is not None else [math.nan] * len(paths), self.model.args.image_size)
+    ) -> Predictions:
+        """Predictions for every image of `paths` that decodes (unlabelled: NaN targets)."""
+        dataset = ImageRegressionDataset(paths, targets if targets is not None else [math.nan] * len(paths), self.image_size)
         workers = 0 if len(paths) <= batch_size else resolve_num_workers(num_workers)
         loader = make_loader(dataset, batch_size, workers, pin_memory=runtime.pin_memory)
         batches = tqdm(loader, desc="predicting", unit="batch", leave=False, disable=not progress or len(loader) < 2)
-        return run_model(self.model, batches, runtime, on_skip)
+        return self._collect(run_model(self.forward_module(), batches, runtime, on_skip))
+
+    def _collect(self, outputs: Outputs) -> Predictions:
+        if not outputs.heads:  # no image decoded
+            outputs.heads = tuple(
+                torch.empty(0, m.model.args.components if j < 3 else m.model.feature_dim) for m in self.members for j in range(4)
+            )
+        parts = outputs.heads
+        heads = [tuple(parts[4 * i : 4 * i + 3]) for i in range(len(self.members))]
+        features = [parts[4 * i + 3] for i in range(len(self.members))]
+        return Predictions(heads, features, outputs.targets, outputs.indices)  # type: ignore[arg-type]
+
+
+def _check_plausible(members: list[Member]) -> None:
+    """Refuse stored values no training could have produced, rather than print NaN or negative stds."""
+    for m in members:
+        args, scaler = m.model.args, m.scaler
+        if not (math.isfinite(scaler.scale) and scaler.scale > 0 and math.isfinite(scaler.loc)):
+            raise ValueError(f"impossible target scaling (loc={scaler.loc}, scale={scaler.scale})")
+        if not (16 <= args.image_size <= 4096) or not (args.sigma_min > 0) or not all(s > 0 for s in args.std):
+            raise ValueError(f"impossible model arguments (image_size={args.image_size}, sigma_min={args.sigma_min}, std={args.std})")
+        for name, value in m.model.state_dict().items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"non-finite weights in {name}")
 
 
 @dataclass
 class Outputs:
-    """Head outputs for every image that decoded, in loader order, on the CPU."""
+    """A module's outputs for every image that decoded, in loader order, on the CPU."""
 
     heads: tuple[torch.Tensor, ...]
-    """The model's outputs, float32: for MDNRegressor (logits, means, stds), each (N, K), in
-    standardised target space."""
+    """The module's outputs, float32, each with N rows."""
     targets: torch.Tensor
     """(N,) float64, target units."""
     indices: torch.Tensor
@@ -107,6 +223,5 @@ def run_model(model: torch.nn.Module, batches: Iterable[Batch], runtime: Runtime
     finally:
         model.train(was_training)
     if not heads:
-        empty = torch.empty(0, 0)
-        return Outputs((empty, empty, empty), torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.int64))
-    return Outputs(tuple(torch.cat(p) for p in zip(*heads)), torch.cat(targets), torch.cat(indices))  # type: ignore[arg-type]
+        return Outputs((), torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.int64))
+    return Outputs(tuple(torch.cat(p) for p in zip(*heads)), torch.cat(targets), torch.cat(indices))

@@ -17,7 +17,7 @@ from . import mixture as mx
 from .calibration import DEFAULT_LEVELS, Calibration, level_key
 from .errors import CheckpointError, DataError
 from .images import IMAGE_SUFFIXES, is_image_file
-from .inference import Predictor
+from .inference import Predictions, Predictor
 from .runtime import select_runtime
 
 FORMATS = ("table", "json", "csv")
@@ -59,25 +59,62 @@ def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None  # JSON has no infinity: an unbounded end is null
 
 
-def summarize(m: mx.Mixture, calibration: Calibration, levels: tuple[float, ...] = DEFAULT_LEVELS) -> list[dict]:
+def member_moments(m: mx.Mixture, member_sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Aleatoric and epistemic std (N,) in target units, by the law of total variance over
+    members: Var = mean_m Var_m (aleatoric) + mean_m (E_m - E)^2 (epistemic). Members have equal
+    weight; within a member, its own mixture weights."""
+    means, variances = [], []
+    start = 0
+    for k in member_sizes:
+        part = m.weights[:, start : start + k]
+        member = mx.Mixture(part / part.sum(-1, keepdim=True), m.means[:, start : start + k], m.stds[:, start : start + k], m.transform)
+        means.append(mx.mean(member))
+        variances.append(mx.std(member) ** 2)
+        start += k
+    e, v = torch.stack(means), torch.stack(variances)  # (M, N)
+    return v.mean(0).sqrt(), (e - e.mean(0)).pow(2).mean(0).sqrt()
+
+
+def summarize(
+    m: mx.Mixture,
+    calibration: Calibration,
+    levels: tuple[float, ...] = DEFAULT_LEVELS,
+    member_sizes: list[int] | None = None,
+    ood_scores: torch.Tensor | None = None,
+) -> list[dict]:
     """One dict per row of `m` (the scaled mixture): summaries in target units, components in the
-    model's target space, and how the intervals were made."""
+    model's target space, how the intervals were made and, with `ood_scores`, whether the image
+    looks like the training images."""
     mean, std, median, mode = mx.mean(m), mx.std(m), mx.median(m), mx.mode(m)
+    aleatoric, epistemic = member_moments(m, member_sizes or [m.weights.shape[1]])
     intervals = {level: calibration.interval(m, level) for level in levels}
     described = calibration.describe(levels)
+    member_of = [i for i, k in enumerate(member_sizes or [m.weights.shape[1]]) for _ in range(k)]
     order = torch.argsort(m.weights, dim=-1, descending=True)
     out = []
     for i in range(len(m)):
-        record = {"mean": float(mean[i]), "std": float(std[i]), "median": float(median[i]), "mode": float(mode[i])}
+        record = {"mean": float(mean[i]), "std": float(std[i]), "std_aleatoric": float(aleatoric[i]),
+                  "std_epistemic": float(epistemic[i]), "median": float(median[i]), "mode": float(mode[i])}
         for level, (lo, hi) in intervals.items():
             record[f"interval_{level_key(level)}"] = [_finite_or_none(float(lo[i])), _finite_or_none(float(hi[i]))]
         record["components"] = [
-            {"weight": float(m.weights[i, k]), "mean": float(m.means[i, k]), "std": float(m.stds[i, k])} for k in order[i].tolist()
+            {"weight": float(m.weights[i, k]), "mean": float(m.means[i, k]), "std": float(m.stds[i, k]),
+             **({"member": member_of[k]} if member_sizes and len(member_sizes) > 1 else {})}
+            for k in order[i].tolist()
         ]
         record["target_transform"] = m.transform
         record["calibration"] = described
+        if ood_scores is not None:
+            record["ood_score"] = float(ood_scores[i])
+            record["in_distribution"] = bool(ood_scores[i] <= 1.0)
         out.append(record)
     return out
+
+
+def records(predictor: Predictor, predictions: Predictions, levels: tuple[float, ...] = DEFAULT_LEVELS) -> list[dict]:
+    """The prediction records of a predictor's outputs (what `mdn predict --format json` prints)."""
+    return summarize(predictor.mixture(predictions), predictor.calibration, levels, predictor.member_sizes,
+                     predictor.ood_scores(predictions))
 
 
 @dataclass
@@ -96,14 +133,15 @@ def predict_images(
     progress: bool = True,
     levels: tuple[float, ...] = DEFAULT_LEVELS,
     precision: str = "fp32",
-) -> tuple[list[Prediction], mx.Mixture]:
+) -> tuple[list[Prediction], mx.Mixture | None]:
     """Batched inference over `images`; unreadable ones are reported through `on_skip`."""
     runtime = select_runtime(device, precision, what="--precision")
     predictor, _ = Predictor.from_checkpoint(checkpoint, runtime)
-    outputs = predictor.run(images, runtime, batch_size=batch_size, num_workers=num_workers, on_skip=on_skip, progress=progress)
-    m = predictor.mixture(outputs)
-    kept = [images[i] for i in outputs.indices.tolist()]
-    return [Prediction(str(p), s) for p, s in zip(kept, summarize(m, predictor.calibration, levels))], m
+    predictions = predictor.run(images, runtime, batch_size=batch_size, num_workers=num_workers, on_skip=on_skip, progress=progress)
+    if len(predictions.indices) == 0:
+        return [], None
+    kept = [images[i] for i in predictions.indices.tolist()]
+    return [Prediction(str(p), s) for p, s in zip(kept, records(predictor, predictions, levels))], predictor.mixture(predictions)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,16 +160,21 @@ def _interval_keys(summary: dict) -> list[str]:
     return [k for k in summary if k.startswith("interval_")]
 
 
+SCALARS = ("mean", "std", "std_aleatoric", "std_epistemic", "median", "mode")
+
+
 def _csv(predictions: list[Prediction]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    keys = _interval_keys(predictions[0].summary) if predictions else []
-    writer.writerow(["image", "mean", "std", "median", "mode", *(f"{k}_{end}" for k in keys for end in ("low", "high")),
+    first = predictions[0].summary if predictions else {}
+    keys = _interval_keys(first)
+    ood = ["ood_score", "in_distribution"] if "ood_score" in first else []
+    writer.writerow(["image", *SCALARS, *(f"{k}_{end}" for k in keys for end in ("low", "high")), *ood,
                      "target_transform", "calibration", "components"])
     for p in predictions:
         s = p.summary
         ends = [repr(v) if v is not None else "" for k in keys for v in s[k]]
-        writer.writerow([p.image, *(repr(s[k]) for k in ("mean", "std", "median", "mode")), *ends, s["target_transform"],
+        writer.writerow([p.image, *(repr(s[k]) for k in SCALARS), *ends, *(s[k] for k in ood), s["target_transform"],
                          s["calibration"]["method"], json.dumps(s["components"])])
     return buffer.getvalue()
 
@@ -144,19 +187,25 @@ def _fmt(x: float | None, low_end: bool = False) -> str:
 
 def _table(predictions: list[Prediction]) -> str:
     keys = _interval_keys(predictions[0].summary) if predictions else []
-    header = ("image", "mean", "std", "median", "mode", *(f"{k.removeprefix('interval_')}% interval" for k in keys),
-              "components (weight: mean ± std)")
+    ensemble = any(p.summary["std_epistemic"] > 0 for p in predictions)
+    header = ("image", "mean", "std", *(("aleatoric", "epistemic") if ensemble else ()), "median", "mode",
+              *(f"{k.removeprefix('interval_')}% interval" for k in keys), "components (weight: mean ± std)")
     rows = []
     for p in predictions:
         s = p.summary
         space = "log " if s["target_transform"] == "log" else ""
         comps = ", ".join(f"{c['weight']:.2f}: {space}{_fmt(c['mean'])} ± {_fmt(c['std'])}" for c in s["components"] if c["weight"] >= 0.01)
+        flag = "  ⚠" if s.get("in_distribution") is False else ""
         rows.append(
-            (p.image, _fmt(s["mean"]), _fmt(s["std"]), _fmt(s["median"]), _fmt(s["mode"]),
-             *(f"[{_fmt(s[k][0], True)}, {_fmt(s[k][1])}]" for k in keys), comps)
+            (p.image + flag, _fmt(s["mean"]), _fmt(s["std"]), *((_fmt(s["std_aleatoric"]), _fmt(s["std_epistemic"])) if ensemble else ()),
+             _fmt(s["median"]), _fmt(s["mode"]), *(f"[{_fmt(s[k][0], True)}, {_fmt(s[k][1])}]" for k in keys), comps)
         )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    for p in predictions:
+        if p.summary.get("in_distribution") is False:
+            lines.append(f"⚠ {p.image}: unlike the images the model was trained on (ood score {p.summary['ood_score']:.2f}, "
+                         "above 1 flags): its numbers may be confidently wrong")
     if predictions:
         c = predictions[0].summary["calibration"]
         lines.append(f"intervals: {c['guarantee']}")

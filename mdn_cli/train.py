@@ -437,8 +437,9 @@ class Training:
 
     def finish(self) -> None:
         best_path = self.run_dir / "best.pt"
-        calibrate_checkpoint(best_path, self.cfg.train.calibration, self.data.split("val"), self.data.split("calibration"),
-                             self.runtime, self.num_workers, self.log, on_skip=self.on_skip)
+        splits = {name: self.data.split(name) for name in ("train", "val", "calibration")}
+        calibrate_checkpoint(best_path, self.cfg.train.calibration, splits, self.runtime, self.num_workers, self.log,
+                             on_skip=self.on_skip, ood_quantile=self.cfg.train.ood_quantile)
         if self.data.split("test"):
             from .evaluate import (  # the same code as `mdn evaluate`
                 evaluate,
