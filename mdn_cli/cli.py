@@ -245,6 +245,38 @@ def evaluate(
     typer.echo(f"wrote metrics.json, predictions.csv and plots to {out}")
 
 
+@app.command()
+def serve(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to serve (a best.pt).")],
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 for every interface (no auth: see the README).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free port).")] = 8000,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    max_batch: Annotated[int, typer.Option(min=1, help="Most images in one forward pass.")] = 32,
+    max_wait_ms: Annotated[
+        float, typer.Option(min=0, help="How long an image waits for others to share its forward pass.")
+    ] = 10.0,
+    max_files: Annotated[int, typer.Option(min=1, help="Most files in one request.")] = 16,
+    max_upload_mb: Annotated[float, typer.Option(min=0.001, help="Most megabytes in one request.")] = 20.0,
+) -> None:
+    """Serve predictions over HTTP: a web page at /, POST /predict (multipart, fields named "file"),
+    GET /health. Concurrent requests share forward passes."""
+    import importlib.util
+
+    needed = {"fastapi": "fastapi", "uvicorn": "uvicorn", "python-multipart": ("python_multipart", "multipart")}
+    missing = [package for package, modules in needed.items()
+               if not any(importlib.util.find_spec(m) for m in ([modules] if isinstance(modules, str) else modules))]
+    if missing:
+        raise fail(f'mdn serve needs {", ".join(missing)}: pip install "mdn-cli[serve]"')
+    try:
+        from .serve import ServeSettings
+        from .serve import serve as run_server
+
+        settings = ServeSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, max_files=max_files, max_upload_mb=max_upload_mb)
+        run_server(checkpoint, host, port, device, settings, log=lambda message: typer.echo(message, err=True))
+    except MdnError as e:
+        raise fail(str(e), e.exit_code) from None
+
+
 def main() -> None:  # pragma: no cover - console entry point alias
     app(prog_name="mdn")
 
