@@ -21,7 +21,7 @@ from .checkpoint import save_checkpoint
 from .errors import DataError
 from .inference import Predictor
 from .labels import Example
-from .ood import NeighbourDistance, UnfamiliarImages, images_needed, normalise, subsample
+from .ood import FeatureBank, UnfamiliarImages, images_needed, subsample
 from .runtime import Runtime
 
 
@@ -45,12 +45,12 @@ def calibrate_checkpoint(
     if ood_quantile is not None and any(m.bank is None for m in predictor.members):
         train = splits["train"]
         chosen = [train[i] for i in subsample(len(train))]
-        features = run(chosen).features
+        vectors = run(chosen).features
         states = ckpt["members"] if ckpt.get("kind") == "ensemble" else [ckpt]
-        for state, member, f in zip(states, predictor.members, features):
+        for state, member, v in zip(states, predictor.members, vectors):
             if member.bank is None:
-                state["feature_bank"] = NeighbourDistance(normalise(f)).state()
-        predictor, _ = Predictor.from_checkpoint_state(ckpt, runtime)
+                state["feature_bank"] = FeatureBank.of(v).state()
+        predictor, _ = Predictor.from_checkpoint_state(ckpt, runtime, path)
         log(f"feature bank of {len(chosen)} train images for the unfamiliar-image warning")
 
     result = Calibration()
@@ -67,6 +67,8 @@ def calibrate_checkpoint(
     unfamiliar = None
     if splits["calibration"] and (method == "conformal" or ood_quantile is not None):
         cal = run(splits["calibration"])
+        if len(cal.targets) == 0:
+            raise DataError("no calibration image could be read: the intervals and the unfamiliar-image threshold cannot be fitted")
         m = predictor.mixture(cal)
         if method == "conformal":
             pit = mx.cdf(m, cal.targets).sort().values
@@ -79,8 +81,8 @@ def calibrate_checkpoint(
             if "warning" in result.describe():
                 log(f"warning: {result.describe()['warning']}")
         if ood_quantile is not None:
-            banks = [member.bank.bank for member in predictor.members]  # type: ignore[union-attr]
-            unfamiliar = UnfamiliarImages.fit(banks, cal.features, ood_quantile)
+            banks = [member.bank for member in predictor.members]
+            unfamiliar = UnfamiliarImages.fit(banks, cal.features, ood_quantile)  # type: ignore[arg-type]
             if unfamiliar.threshold == float("inf"):
                 log(f"warning: {len(cal.targets)} calibration images are too few for an unfamiliar-image threshold at "
                     f"{ood_quantile} (needs at least {images_needed(ood_quantile)}): predictions carry no such warning")
@@ -92,9 +94,10 @@ def calibrate_checkpoint(
         log("note: no calibration images, so the intervals carry no coverage guarantee and unfamiliar images are not flagged "
             "(raise data.calibration_fraction or add 'calibration' rows to the split column)")
     ckpt["calibration"] = result.state()
+    ckpt.pop("unfamiliar", None)
     if unfamiliar is not None:
         ckpt["unfamiliar"] = unfamiliar.state()
-    else:
-        ckpt.pop("unfamiliar", None)
+        for state, bank in zip(ckpt["members"] if ckpt.get("kind") == "ensemble" else [ckpt], unfamiliar.members):
+            state["feature_bank"] = bank.state()  # with the scales fitted on the calibration images
     save_checkpoint(ckpt, path)
     return result

@@ -11,10 +11,10 @@ The result is a run folder (best.pt, splits.csv, config.yaml, eval/) that `mdn p
 from __future__ import annotations
 
 import shutil
-
-import yaml
 from collections.abc import Callable
 from pathlib import Path
+
+import yaml
 
 from .calibrate import calibrate_checkpoint
 from .checkpoint import load_checkpoint, save_checkpoint

@@ -25,7 +25,7 @@ from .dataset import Batch, ImageRegressionDataset, make_loader, resolve_num_wor
 from .errors import CheckpointError
 from .mixture import Mixture
 from .model import MDNRegressor, ModelArgs
-from .ood import NeighbourDistance, UnfamiliarImages
+from .ood import FeatureBank, StageStatistics, UnfamiliarImages
 from .runtime import Runtime
 from .targets import TargetScaler
 
@@ -36,7 +36,7 @@ class Member:
 
     model: MDNRegressor
     scaler: TargetScaler
-    bank: NeighbourDistance | None = None
+    bank: FeatureBank | None = None
 
     @classmethod
     def from_state(cls, state: dict) -> Member:
@@ -44,25 +44,31 @@ class Member:
         model = MDNRegressor(args, pretrained=False)
         model.load_state_dict(state["model"])
         bank = state.get("feature_bank")
-        return cls(model, TargetScaler.from_state_dict(state["target_scaler"]), NeighbourDistance.from_state(bank) if bank else None)
+        return cls(model, TargetScaler.from_state_dict(state["target_scaler"]), FeatureBank.from_state(bank) if bank else None)
 
 
 class EnsembleForward(nn.Module):
     """uint8 images (N, 3, S, S) at the largest member's size -> per member (logits, means, stds,
-    features), flattened into one tuple: what run_model collects."""
+    penultimate features, stage statistics...), flattened into one tuple: what run_model collects.
+    `counts[i]`: how many of those tensors member i gave in the last call."""
 
     def __init__(self, members: list[MDNRegressor]):
         super().__init__()
         self.members = nn.ModuleList(members)
+        self.stages = [StageStatistics(m.backbone) for m in members]
+        self.counts: list[int] = []
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out: list[torch.Tensor] = []
-        for model in self.members:
+        self.counts = []
+        for model, stages in zip(self.members, self.stages):
             size = model.args.image_size
             x = images if images.shape[-1] == size else F.interpolate(images.float(), size=(size, size), mode="bilinear",
                                                                       antialias=True, align_corners=False)
             features = model.features(x)
-            out += [*model.head(features), features.float()]
+            part = [*model.head(features), features.float(), *stages.collect()]
+            self.counts.append(len(part))
+            out += part
         return tuple(out)
 
 
@@ -72,8 +78,8 @@ class Predictions:
 
     heads: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     """Per member (logits, means, stds), each (N, K_m) float32, standardised target space."""
-    features: list[torch.Tensor]
-    """Per member backbone features (N, D_m) float32."""
+    features: list[list[torch.Tensor]]
+    """Per member: penultimate features (N, D) then each stage's statistics (N, 2C), float32."""
     targets: torch.Tensor
     """(N,) float64, target units (NaN when unlabelled)."""
     indices: torch.Tensor
@@ -101,13 +107,20 @@ class Predictor:
             if len({m.scaler.transform for m in members}) != 1:
                 raise ValueError("members with different target transforms")
             calibration = Calibration.from_state(ckpt.get("calibration") or {})
-            unfamiliar = UnfamiliarImages.from_state(ckpt["unfamiliar"]) if ckpt.get("unfamiliar") else None
+            unfamiliar = None
+            if ckpt.get("unfamiliar"):
+                if any(m.bank is None for m in members):
+                    raise ValueError("an unfamiliar-image threshold without feature banks")
+                unfamiliar = UnfamiliarImages.from_state(ckpt["unfamiliar"], [m.bank for m in members])  # type: ignore[misc]
             _check_plausible(members)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{path}: checkpoint contents do not match this mdn ({type(e).__name__}: {str(e)[:200]})") from None
         for member in members:
             runtime.prepare(member.model).eval()
         return cls(members, calibration, unfamiliar), ckpt
+
+    def __post_init__(self) -> None:
+        self.forward = EnsembleForward([m.model for m in self.members]).eval()
 
     @property
     def image_size(self) -> int:
@@ -122,9 +135,6 @@ class Predictor:
     def member_sizes(self) -> list[int]:
         """Components per member, in the order of the mixture's columns."""
         return [m.model.args.components for m in self.members]
-
-    def forward_module(self) -> EnsembleForward:
-        return EnsembleForward([m.model for m in self.members]).eval()
 
     def mixture(self, predictions: Predictions, calibrated: bool = True) -> Mixture:
         """The predicted mixtures in the model's target space (with the std scale unless not
@@ -146,7 +156,7 @@ class Predictor:
         """Predictions for a batch of prepared uint8 images (N, 3, S, S), S = image_size."""
         n = images.shape[0]
         batch = Batch(images, torch.full((n,), math.nan, dtype=torch.float64), torch.arange(n), torch.full((n,), -1), [])
-        return self._collect(run_model(self.forward_module(), [batch], runtime, on_skip=print))
+        return self._collect(run_model(self.forward, [batch], runtime, on_skip=print))
 
     def run(
         self,
@@ -163,16 +173,15 @@ class Predictor:
         workers = 0 if len(paths) <= batch_size else resolve_num_workers(num_workers)
         loader = make_loader(dataset, batch_size, workers, pin_memory=runtime.pin_memory)
         batches = tqdm(loader, desc="predicting", unit="batch", leave=False, disable=not progress or len(loader) < 2)
-        return self._collect(run_model(self.forward_module(), batches, runtime, on_skip))
+        return self._collect(run_model(self.forward, batches, runtime, on_skip))
 
     def _collect(self, outputs: Outputs) -> Predictions:
-        if not outputs.heads:  # no image decoded
-            outputs.heads = tuple(
-                torch.empty(0, m.model.args.components if j < 3 else m.model.feature_dim) for m in self.members for j in range(4)
-            )
-        parts = outputs.heads
-        heads = [tuple(parts[4 * i : 4 * i + 3]) for i in range(len(self.members))]
-        features = [parts[4 * i + 3] for i in range(len(self.members))]
+        heads, features, start = [], [], 0
+        for count in self.forward.counts if outputs.heads else []:  # none when no image decoded: callers check
+            part = outputs.heads[start : start + count]
+            heads.append(tuple(part[:3]))
+            features.append(list(part[3:]))
+            start += count
         return Predictions(heads, features, outputs.targets, outputs.indices)  # type: ignore[arg-type]
 
 

@@ -1,18 +1,20 @@
-"""Unfamiliar-image warning: how far an image's backbone features lie from the training images'.
+"""Unfamiliar-image warning: how far an image lies from the training images, as the network sees them.
 
-Score (Sun et al. 2022): the distance from the image's L2-normalised features to its k-th nearest
-neighbour among the normalised features of up to BANK_SIZE training images. Features of an image
-unlike anything trained on (noise, a blank square, a face for a puppy model, another camera) sit
-far from all of them, while a new image of the same kind sits among them.
+What the network sees of an image: its penultimate features, and for each stage of the backbone
+(the last activation at each spatial resolution) the per-channel mean and standard deviation of
+that activation map. The penultimate features alone miss inputs that are unlike the training
+images in their low-level statistics: on the toy data they flagged 70% of solid-colour squares,
+the stage statistics 100%.
 
-Threshold (conformal, like the intervals): on the calibration images, which the bank does not
-contain, the ceil((n+1) q)-th smallest score. A new image exchangeable with them scores above it
-with probability at most 1 - q (q = train.ood_quantile, 0.99 by default), so about 1% of familiar
-images are flagged, whatever the model.
+Score (kNN, Sun et al. 2022): for each of these vectors, the distance from the image's
+L2-normalised vector to its k-th nearest neighbour among those of up to BANK_SIZE training images,
+divided by the median of that distance over the calibration images; the score is the mean over
+the vectors (and, for an ensemble, over the members).
 
-An ensemble averages its members' distances, each divided by the median distance of that
-member's calibration images (members' feature spaces have different scales), and sets one
-threshold on that average. Reported: ood_score = score / threshold; above 1 means flagged.
+Threshold (conformal, like the intervals): the ceil((n+1) q)-th smallest score of the n
+calibration images, which the bank does not contain. A new image exchangeable with them scores
+above it with probability at most 1 - q (q = train.ood_quantile, 0.99 by default).
+Reported: ood_score = score / threshold; above 1 means flagged.
 """
 
 from __future__ import annotations
@@ -22,9 +24,30 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
+from torch import nn
 
 BANK_SIZE = 2048
 NEIGHBOURS = 10
+
+
+class StageStatistics:
+    """Collects, while a backbone runs, the per-channel mean and std (N, 2C) of the last 4-D
+    activation at each spatial resolution: one vector per stage, largest resolution first."""
+
+    def __init__(self, backbone: nn.Module):
+        self.latest: dict[tuple[int, int], torch.Tensor] = {}
+        leaves = [m for m in backbone.modules() if not any(True for _ in m.children())]
+        self.handles = [m.register_forward_hook(self._record) for m in leaves]
+
+    def _record(self, module: nn.Module, inputs, output) -> None:
+        if isinstance(output, torch.Tensor) and output.ndim == 4 and min(output.shape[-2:]) > 1:
+            x = output.float()
+            self.latest[tuple(output.shape[-2:])] = torch.cat([x.mean((2, 3)), x.std((2, 3), unbiased=False)], 1)
+
+    def collect(self) -> list[torch.Tensor]:
+        stages = [self.latest[k] for k in sorted(self.latest, reverse=True)]
+        self.latest = {}
+        return stages
 
 
 def normalise(features: torch.Tensor) -> torch.Tensor:
@@ -33,34 +56,41 @@ def normalise(features: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class NeighbourDistance:
-    """One member's feature bank: distance of new features to their k-th nearest bank row."""
+class FeatureBank:
+    """One member's training vectors: per vector kind (penultimate features, then each stage),
+    up to BANK_SIZE unit rows, and the calibration median distance that scales it."""
 
-    bank: torch.Tensor
-    """(B, D) float32, unit rows: features of up to BANK_SIZE training images."""
+    vectors: list[torch.Tensor]
+    """Per kind (B, D_j) float32, unit rows."""
+    scales: list[float]
     k: int = NEIGHBOURS
-    scale: float = 1.0
-    """Median distance of the calibration images (puts members on one scale)."""
 
-    def __call__(self, features: torch.Tensor) -> torch.Tensor:
-        """(N, D) features -> (N,) distances / scale, float64."""
-        x = normalise(features)
-        k = min(self.k, self.bank.shape[0])
-        similarity = (x @ self.bank.T).topk(k, dim=1).values[:, -1]  # the k-th nearest: k-th largest cosine
-        return (2.0 - 2.0 * similarity.double()).clamp_min(0.0).sqrt() / self.scale
+    def distances(self, vectors: list[torch.Tensor]) -> torch.Tensor:
+        """(N,) float64: mean over kinds of the scaled k-th nearest-neighbour distance."""
+        total = 0.0
+        for bank, x, scale in zip(self.vectors, vectors, self.scales):
+            k = min(self.k, bank.shape[0])
+            similarity = (normalise(x) @ bank.T).topk(k, dim=1).values[:, -1]  # k-th nearest = k-th largest cosine
+            total = total + (2.0 - 2.0 * similarity.double()).clamp_min(0.0).sqrt() / scale
+        return total / len(self.vectors)
 
     def state(self) -> dict:
-        return {"bank": self.bank.half(), "k": self.k, "scale": self.scale}
+        return {"vectors": [v.half() for v in self.vectors], "scales": list(self.scales), "k": self.k}
 
     @classmethod
-    def from_state(cls, state: dict) -> NeighbourDistance:
-        bank = torch.as_tensor(state["bank"]).float()
-        if bank.ndim != 2 or bank.shape[0] < 1 or not bool(torch.isfinite(bank).all()):
-            raise ValueError("the feature bank must be a non-empty finite (B, D) matrix")
-        scale, k = float(state.get("scale", 1.0)), int(state.get("k", NEIGHBOURS))
-        if not (math.isfinite(scale) and scale > 0) or k < 1:
-            raise ValueError(f"impossible feature-bank settings (k={k}, scale={scale})")
-        return cls(normalise(bank), k, scale)
+    def from_state(cls, state: dict) -> FeatureBank:
+        vectors = [normalise(torch.as_tensor(v)) for v in state["vectors"]]
+        scales, k = [float(s) for s in state["scales"]], int(state["k"])
+        if not vectors or any(v.ndim != 2 or v.shape[0] < 1 or not bool(torch.isfinite(v).all()) for v in vectors):
+            raise ValueError("a feature bank must hold non-empty finite (B, D) matrices")
+        if len(scales) != len(vectors) or not all(math.isfinite(s) and s > 0 for s in scales) or k < 1:
+            raise ValueError(f"impossible feature-bank settings (k={k}, scales={scales[:3]}...)")
+        return cls(vectors, scales, k)
+
+    @classmethod
+    def of(cls, vectors: list[torch.Tensor]) -> FeatureBank:
+        """A bank of training vectors, not yet scaled."""
+        return cls([normalise(v) for v in vectors], [1.0] * len(vectors))
 
 
 def subsample(n: int, size: int = BANK_SIZE, seed: int = 0) -> list[int]:
@@ -91,44 +121,40 @@ def images_needed(quantile: float) -> int:
 
 @dataclass
 class UnfamiliarImages:
-    """The checkpoint's warning: one distance per member, averaged, and a threshold."""
+    """The checkpoint's warning: the members' banks and one threshold on their mean distance."""
 
-    members: list[NeighbourDistance]
+    members: list[FeatureBank]
     threshold: float
-    """On the averaged (scaled) distance; inf when the calibration set was too small."""
     quantile: float
     n_images: int
     """Calibration images behind the threshold."""
 
-    def scores(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """Per-member features (each (N, D_m)) -> (N,) ood_score = averaged distance / threshold."""
-        mean = torch.stack([member(f) for member, f in zip(self.members, features)]).mean(0)
-        return mean / self.threshold
+    def scores(self, vectors: list[list[torch.Tensor]]) -> torch.Tensor:
+        """Per member, its vectors (each (N, D_j)) -> (N,) ood_score (above 1: flagged)."""
+        return torch.stack([bank.distances(v) for bank, v in zip(self.members, vectors)]).mean(0) / self.threshold
 
     def describe(self) -> dict:
         return {"quantile": self.quantile, "n_images": self.n_images, "neighbours": self.members[0].k,
-                "bank_images": [int(m.bank.shape[0]) for m in self.members]}
+                "bank_images": [int(m.vectors[0].shape[0]) for m in self.members]}
 
     def state(self) -> dict:
-        return {"members": [m.state() for m in self.members], "threshold": self.threshold, "quantile": self.quantile,
-                "n_images": self.n_images}
+        return {"threshold": self.threshold, "quantile": self.quantile, "n_images": self.n_images}
 
     @classmethod
-    def from_state(cls, state: dict) -> UnfamiliarImages:
+    def from_state(cls, state: dict, banks: list[FeatureBank]) -> UnfamiliarImages:
         threshold = float(state["threshold"])
-        if not threshold > 0:
-            raise ValueError(f"the unfamiliar-image threshold must be positive, got {threshold}")
-        return cls([NeighbourDistance.from_state(m) for m in state["members"]], threshold, float(state["quantile"]),
-                   int(state["n_images"]))
+        if not (math.isfinite(threshold) and threshold > 0):
+            raise ValueError(f"the unfamiliar-image threshold must be a positive number, got {threshold}")
+        return cls(banks, threshold, float(state["quantile"]), int(state["n_images"]))
 
     @classmethod
-    def fit(cls, banks: list[torch.Tensor], calibration_features: list[torch.Tensor], quantile: float) -> UnfamiliarImages:
-        """Banks of training features and the calibration images' features, per member."""
-        members = []
-        for bank, features in zip(banks, calibration_features):
-            member = NeighbourDistance(normalise(bank))
-            member.scale = max(float(member(features).median()), 1e-12)
-            members.append(member)
-        model = cls(members, 1.0, quantile, int(calibration_features[0].shape[0]))
-        model.threshold = conformal_threshold(model.scores(calibration_features), quantile)
+    def fit(cls, banks: list[FeatureBank], calibration: list[list[torch.Tensor]], quantile: float) -> UnfamiliarImages:
+        """Scale each bank by its calibration median distances, then set the threshold on the
+        calibration images' mean distance."""
+        for bank, vectors in zip(banks, calibration):
+            bank.scales = [1.0] * len(bank.vectors)
+            per_kind = [FeatureBank([v], [1.0], bank.k).distances([x]) for v, x in zip(bank.vectors, vectors)]
+            bank.scales = [max(float(d.median()), 1e-12) for d in per_kind]
+        model = cls(banks, 1.0, quantile, int(calibration[0][0].shape[0]))
+        model.threshold = conformal_threshold(model.scores(calibration), quantile)
         return model

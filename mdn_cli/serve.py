@@ -414,7 +414,8 @@ def serve(checkpoint: Path, host: str = "127.0.0.1", port: int = 8000, device: s
         model = Model.load(checkpoint, device)
         app = create_app(model, settings)
         d = model.describe()
-        log(f"serving {checkpoint} ({d['backbone']}, {d['components']} components, {model.runtime.device}) "
+        members = " + ".join(f"{m['backbone']} ({m['components']} components)" for m in d["members"])
+        log(f"serving {checkpoint} ({members}, {model.runtime.device}) "
             f"at {url_of(sock)}  (Ctrl-C to stop)")
         uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_keep_alive=30)).run(sockets=[sock])
     finally:

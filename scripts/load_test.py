@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     images_done = sum(records for *_, records in results)
     passes = after["forward_passes"] - before["forward_passes"]
     batched = after["images"] - before["images"]
-    print(f"server: {url} ({'started here' if server else 'given'}; {described['backbone']}, {described['image_size']} px, "
+    print(f"server: {url} ({'started here' if server else 'given'}; {' + '.join(m['backbone'] for m in described['members'])}, {described['image_size']} px, "
           f"max batch {after['max_batch']}, max wait {after['max_wait_ms']:g} ms)")
     print(f"images: {len(paths)} files from {args.images}, {k} per request")
     line = (f"mdn serve: {args.requests} requests ({failed} failed) at concurrency {args.concurrency} in {wall:.2f} s: "

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from conftest import write_config
 from typer.testing import CliRunner
 
 from mdn_cli.cli import app

@@ -17,7 +17,8 @@ from mdn_cli.calibration import conformal_ranks
 from mdn_cli.cli import app
 
 runner = CliRunner()
-KEYS = {"image", "mean", "std", "median", "mode", "interval_68", "interval_95", "components", "target_transform", "calibration"}
+KEYS = {"image", "mean", "std", "std_aleatoric", "std_epistemic", "median", "mode", "interval_68", "interval_95", "components",
+        "target_transform", "calibration"}
 
 
 def mdn(*args):

@@ -280,7 +280,9 @@ function numbersTable(record) {
     const pieces = hdrPieces(record[key]);
     add(`${key.slice(4)}% HDR`, key, record[key], pieces.length ? pieces.map(fmtInterval).join(" ∪ ") : fmt(record[key]));
   }
-  for (const [key, label] of [["std_aleatoric", "std (noise)"], ["std_epistemic", "std (model)"], ["ood_score", "OOD score"]]) {
+  // The split of the std matters for an ensemble only: a single model's epistemic part is zero.
+  const split = record.std_epistemic > 0 ? [["std_aleatoric", "std (noise)"], ["std_epistemic", "std (model)"]] : [];
+  for (const [key, label] of [...split, ["ood_score", "OOD score"]]) {
     if (key in record) add(label, key, record[key], fmt(record[key]));
   }
   return el("table", { class: "numbers" }, el("tbody", {}, rows));
@@ -410,7 +412,11 @@ async function showModel() {
   try {
     const response = await fetch("health");
     const { model } = await response.json();
-    const parts = [model.backbone, `${model.components} components`, `${model.image_size} px`];
+    const members = Array.isArray(model.members) ? model.members : [];
+    const first = members[0] || {};
+    const parts = members.length > 1
+      ? [`ensemble of ${members.length}`, [...new Set(members.map((m) => m.backbone))].join(" + "), `${model.image_size} px`]
+      : [first.backbone, `${first.components} components`, `${model.image_size} px`];
     if (model.target_transform && model.target_transform !== "none") parts.push(`${model.target_transform} target`);
     if (model.calibration?.method) parts.push(`calibration: ${model.calibration.method}`);
     target.replaceChildren(el("span", { class: "dot ok" }), parts.join(" · "));
