@@ -20,11 +20,13 @@ from pathlib import Path
 
 from mdn_cli.config import load_config
 from mdn_cli.errors import MdnError
+from mdn_cli.metrics import binomial_se
 from mdn_cli.train import train
 
 HEADER = (
-    "| config | commit | epochs | train wall | MAE mean | MAE median | NLL | CRPS | 68% cov (width) | 95% cov (width) | cal. error |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|"
+    "| config | commit | epochs | train wall | MAE mean | MAE median | NLL | CRPS | 68% cov ± s.e. (width) | 95% cov ± s.e. (width) "
+    "| cal. error | flagged |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -38,10 +40,13 @@ def git_commit() -> str:
 
 
 def row(label: str, commit: str, epochs: int, minutes: float, m: dict) -> str:
+    """One markdown row; coverages with their binomial standard error over the n test images."""
+    n = m["n"]
+    cov = " | ".join(f"{m[f'coverage_{k}']:.3f} ± {binomial_se(m[f'coverage_{k}'], n):.3f} ({m[f'width_{k}']:.1f})" for k in ("68", "95"))
+    flagged = f"{m['unfamiliar']['flagged_fraction']:.1%}" if "unfamiliar" in m else "-"
     return (
         f"| {label} | {commit} | {epochs} | {minutes:.1f} min | {m['mae_mean']:.2f} | {m['mae_median']:.2f} | "
-        f"{m['nll']:.3f} | {m['crps']:.2f} | {m['coverage_68']:.3f} ({m['width_68']:.1f}) | "
-        f"{m['coverage_95']:.3f} ({m['width_95']:.1f}) | {m['calibration_error']:.3f} |"
+        f"{m['nll']:.3f} | {m['crps']:.2f} | {cov} | {m['calibration_error']:.3f} | {flagged} |"
     )
 
 
