@@ -78,6 +78,10 @@ class DataConfig(_Section):
     """Column with the image path, relative to `root`."""
     target_column: str = "target"
     """Column with the numeric target."""
+    target_name: str | None = None
+    """What the target is, for tables, CSV columns and plots (default: the target column's name)."""
+    target_unit: str = ""
+    """The target's unit, shown beside numbers and on axes (for example lb, years)."""
     split_column: str | None = "split"
     """Optional column with train/val/calibration/test; when absent from the file each image is
     assigned by a stable hash of its path (see splits.py)."""
@@ -619,3 +623,10 @@ def _known_keys(section: str) -> list[str]:
 def to_yaml(config: Config) -> str:
     """The resolved config as YAML, in section order, for the run folder."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def target_label(data: dict) -> str:
+    """'weight (lb)' from a config's data section (as stored in checkpoints): name and unit."""
+    name = data.get("target_name") or data.get("target_column") or "target"
+    unit = data.get("target_unit") or ""
+    return f"{name} ({unit})" if unit else name
