@@ -42,7 +42,8 @@ class StageStatistics:
     def _record(self, module: nn.Module, inputs, output) -> None:
         if isinstance(output, torch.Tensor) and output.ndim == 4 and min(output.shape[-2:]) > 1:
             x = output.float()
-            self.latest[tuple(output.shape[-2:])] = torch.cat([x.mean((2, 3)), x.std((2, 3), unbiased=False)], 1)
+            key = (int(output.shape[-2]), int(output.shape[-1]))  # ints: an exporter may trace sizes as tensors
+            self.latest[key] = torch.cat([x.mean((2, 3)), x.std((2, 3), unbiased=False)], 1)
 
     def collect(self) -> list[torch.Tensor]:
         stages = [self.latest[k] for k in sorted(self.latest, reverse=True)]

@@ -17,6 +17,8 @@ from . import mixture as mx
 from .calibration import DEFAULT_LEVELS, Calibration, level_key
 from .errors import CheckpointError, DataError
 from .images import IMAGE_SUFFIXES, is_image_file
+from .dataset import ImageRegressionDataset, make_loader, resolve_num_workers
+from .export import OnnxPredictor, is_onnx
 from .inference import Predictions, Predictor
 from .runtime import select_runtime
 
@@ -134,7 +136,17 @@ def predict_images(
     levels: tuple[float, ...] = DEFAULT_LEVELS,
     precision: str = "fp32",
 ) -> tuple[list[Prediction], mx.Mixture | None]:
-    """Batched inference over `images`; unreadable ones are reported through `on_skip`."""
+    """Batched inference over `images` with a checkpoint (.pt) or an exported model (.onnx, on
+    onnxruntime); unreadable images are reported through `on_skip`."""
+    if is_onnx(checkpoint):
+        model = OnnxPredictor(checkpoint)
+        dataset = ImageRegressionDataset(images, [math.nan] * len(images), model.image_size)
+        loader = make_loader(dataset, batch_size, 0 if len(images) <= batch_size else resolve_num_workers(num_workers))
+        m, ood, indices = model.run(loader, on_skip)
+        if m is None:
+            return [], None
+        summaries = summarize(m, model.calibration, levels, model.member_sizes, ood)
+        return [Prediction(str(images[i]), s) for i, s in zip(indices.tolist(), summaries)], m
     runtime = select_runtime(device, precision, what="--precision")
     predictor, _ = Predictor.from_checkpoint(checkpoint, runtime)
     predictions = predictor.run(images, runtime, batch_size=batch_size, num_workers=num_workers, on_skip=on_skip, progress=progress)
