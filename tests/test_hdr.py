@@ -180,6 +180,13 @@ CASES = {
         "far_mean": _case([0.5, 0.5], [1e4, 1e4 + 5.0], [1.0, 0.5]),
         "three": _case([0.2, 0.5, 0.3], [-3.0, 0.0, 4.0], [0.5, 1.0, 0.7]),
         "wide_under_narrow": _case([0.6, 0.4], [0.0, 0.3], [0.05, 2.0]),
+        # A shallow bump on the wide component (dip ~4e-3 nats) with its antimode within 1/8 of its
+        # std: the critical-point grid alone misses it, the hill-climb from its mean does not.
+        "shallow_bump": _case([0.26, 0.74], [0.48, -0.04], [0.1, 1.35]),
+        # A mode (near 0.176) whose basin holds no component mean: hill-climbs alone miss it.
+        "no_mean_in_basin": _case(
+            [0.19, 0.285, 0.115, 0.115, 0.295], [-0.14, 0.48, 0.34, 0.28, 0.0], [0.058, 0.089, 0.78, 0.145, 0.223]
+        ),
     },
     "log": {
         "lsep": _case([0.3, 0.7], [0.0, 1.0], [0.05, 0.05]),
@@ -265,9 +272,8 @@ def test_small_weight_mode_or_not_and_min_mass():
 def test_zero_weight_padding_changes_nothing():
     params = CASES["none"]["three"]
     w, mu, s = params
-    padded = Mixture(
-        torch.tensor([np.r_[w, 0.0, 0.0]]), torch.tensor([np.r_[mu, 50.0, -3.0]]), torch.tensor([np.r_[s, 1e-3, 1.0]])
-    )
+    # Padding components far away, narrow, or on top of a mode: none may add a mode or move an end.
+    padded = one((np.r_[w, 0.0, 0.0, 0.0], np.r_[mu, 50.0, -3.0, 0.0], np.r_[s, 1e-3, 1.0, 1e-4]), "none")
     plain = one(params, "none")
     np.testing.assert_allclose(modes(padded)[0], modes(plain)[0], rtol=1e-12, atol=1e-14)
     for a, b in zip(hdr(padded, 0.8)[0], hdr(plain, 0.8)[0]):
@@ -450,6 +456,43 @@ def test_score_is_the_smallest_level_whose_hdr_holds_y(transform):
         region = hdr(m[int(i)], score[i])[0]
         dens = ref_pdf(cases[i], np.array(region).ravel(), transform)
         np.testing.assert_allclose(dens, ref_pdf(cases[i], y[i].item(), transform), rtol=1e-7)
+
+
+def ref_score(params, y, transform, grid, grid_logpdf):
+    """P(p(Y) > p(y)) with scipy: the crossings of log p = log p(y), bracketed on the fine grid and
+    refined by brentq, and the CDF mass between them."""
+    w, mu, s = params
+    ly = ref_logpdf(params, y, transform)
+
+    def excess(t):  # log p(t) - log p(y), by hand: scipy.stats' per-call overhead is too slow for brentq
+        u = math.log(t) if transform == "log" else t
+        terms = np.log(w) - 0.5 * ((u - mu) / s) ** 2 - np.log(s) - 0.5 * math.log(2 * math.pi)
+        return special.logsumexp(terms) - (u if transform == "log" else 0.0) - ly
+
+    above = grid_logpdf > ly
+    cells = np.flatnonzero(above[1:] != above[:-1])
+    tol = {"xtol": 1e-300, "rtol": 4 * np.finfo(float).eps}
+    roots = [optimize.brentq(excess, grid[i], grid[i + 1], **tol) for i in cells]
+    return region_mass(params, list(zip(roots[::2], roots[1::2])), transform)
+
+
+@pytest.mark.parametrize(
+    "transform, name",
+    [("none", "three"), ("none", "shallow_bump"), ("none", "no_mean_in_basin"), ("log", "lthree"), ("log", "lwide")]
+    + [("none", "merging")],
+)
+def test_score_matches_scipy_around_modes_and_antimodes(transform, name):
+    params = CASES[transform].get(name) or _case([0.5, 0.5], [0.0, 1.2], [0.5, 0.5])
+    locs, _, _, y = brute_modes(params, transform)
+    d = ref_logpdf(params, y, transform)
+    troughs = y[np.flatnonzero((d[1:-1] < d[:-2]) & (d[1:-1] < d[2:])) + 1]
+    step = params[2].min() * (np.array([-0.05, -1e-3, 1e-3, 0.05]))
+    near = np.concatenate([troughs[:, None] + step, locs[:, None] + 6 * step]).ravel()
+    if transform == "log":
+        near = np.exp(np.log(np.concatenate([troughs, locs]))[:, None] + step).ravel()
+    got = hdr_score(one(params, transform)[[0] * len(near)], torch.tensor(near)).numpy()
+    want = [ref_score(params, v, transform, y, d) for v in near]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
 
 
 def test_score_edge_values():
