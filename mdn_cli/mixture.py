@@ -584,10 +584,12 @@ def _level_set(cp: _Critical, delta: Tensor, touch: Tensor, r_start: Tensor | No
     rad2 = rad2 + 16 * torch.finfo(_F64).eps * (level.abs() + log_s.abs() + 1.0)
     reaches = (rad2 >= 0) & (cp.lw.unsqueeze(-2) > -math.inf)
     reach = cp.s.unsqueeze(-2) * rad2.clamp_min(0.0).sqrt()
-    mu = cp.mu.unsqueeze(-2)
-    lo_b = torch.where(reaches, mu - reach, math.inf).amin(-1)
-    hi_b = torch.where(reaches, mu + reach, -math.inf).amax(-1)
-    r_tail = torch.stack([cp.modes - lo_b, hi_b - cp.modes], -1).clamp_min(0.0)
+    # Measured from the mode (m - mu_k + reach_k), not as points: mu + reach would round to the
+    # ulp of a far-off z (1e-12 at 1e4), which can put the bound inside the root. 1e-12 spare.
+    off = _mode_offsets(cp)
+    left = torch.where(reaches, off + reach, -math.inf).amax(-1)
+    right = torch.where(reaches, reach - off, -math.inf).amax(-1)
+    r_tail = torch.stack([left, right], -1).clamp_min(0.0) * (1 + 1e-12)
     r_max = torch.where(neighbour.isfinite(), (neighbour - cp.modes.unsqueeze(-1)).abs(), r_tail)
 
     target = (-delta).clamp_min(0.0).sqrt().unsqueeze(-1)  # (N, J, 1)
@@ -599,7 +601,7 @@ def _level_set(cp: _Critical, delta: Tensor, touch: Tensor, r_start: Tensor | No
     # Newton on the unfinished ends only: (N, J, 2) flattened to E ends, K components each.
     k = cp.mu.shape[1]
     flat = (n, j, 2, k)
-    off = _mode_offsets(cp).unsqueeze(2).expand(flat).reshape(-1, k)
+    off = off.unsqueeze(2).expand(flat).reshape(-1, k)
     log_resp = cp.log_resp.unsqueeze(2).expand(flat).reshape(-1, k)
     s = cp.s[:, None, None, :].expand(flat).reshape(-1, k)
     side = sides.expand(n, j, 2).reshape(-1)

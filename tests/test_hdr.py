@@ -369,7 +369,22 @@ def test_intervals_that_meet_at_an_antimode_are_merged():
 def test_single_gaussian_hdr_is_the_central_interval(mu, s, level):
     (a, b), = hdr(one(_case([1.0], [mu], [s]), "none"), level)[0]
     half = s * stats.norm.isf((1 - level) / 2)
-    assert (a, b) == pytest.approx((mu - half, mu + half), rel=0, abs=1e-9 * s + 4e-16 * abs(mu))
+    assert (a, b) == pytest.approx((mu - half, mu + half), rel=0, abs=1e-13 * s + 4e-16 * abs(mu))
+
+
+def test_single_gaussian_needs_one_evaluation(monkeypatch):
+    # The solver starts from erfinv(level), exact for one Gaussian: one evaluation must do, also
+    # far from 0 or with tiny stds, where brackets built from absolute points would round.
+    import mdn_cli.mixture as mx
+
+    calls = []
+    real = mx._inside_outside
+    monkeypatch.setattr(mx, "_inside_outside", lambda *a: calls.append(1) or real(*a))
+    for mu, s in [(0.0, 1.0), (1e4, 1.0), (-3.0, 1e-4), (5.0, 1e3)]:
+        for level in (1e-6, 0.5, 1 - 1e-9):
+            calls.clear()
+            hdr(one(_case([1.0], [mu], [s]), "none"), level)
+            assert len(calls) == 1, (mu, s, level, len(calls))
 
 
 @pytest.mark.parametrize("mu, s", [(0.0, 0.8), (1.0, 0.1), (-2.0, 1.5), (0.5, 1e-3)])
