@@ -183,6 +183,9 @@ CASES = {
         # A shallow bump on the wide component (dip ~4e-3 nats) with its antimode within 1/8 of its
         # std: the critical-point grid alone misses it, the hill-climb from its mean does not.
         "shallow_bump": _case([0.26, 0.74], [0.48, -0.04], [0.1, 1.35]),
+        # A mode (near -2.146, mass 0.27) beside a narrow spike, its antimode within one grid step and
+        # no mean in its basin: only the probe at the extremum of g' finds it.
+        "probe_needed": _case([0.089, 0.336, 0.163, 0.412], [-2.356, -2.286, 1.941, 0.851], [0.021, 1.159, 1.128, 2.919]),
         # A mode (near 0.176) whose basin holds no component mean: hill-climbs alone miss it.
         "no_mean_in_basin": _case(
             [0.19, 0.285, 0.115, 0.115, 0.295], [-0.14, 0.48, 0.34, 0.28, 0.0], [0.058, 0.089, 0.78, 0.145, 0.223]
@@ -225,7 +228,7 @@ def test_modes_match_grid_maxima_and_masses(transform, name):
 
 @pytest.mark.parametrize("transform", ["none", "log"])
 def test_modes_of_random_mixtures_in_one_padded_batch(transform):
-    cases = random_cases(11, 16, transform)
+    cases = random_cases(11, 12, transform)
     got = modes(batch(cases, transform))
     for params, row in zip(cases, got):
         check_modes_against_grid(params, transform, row)
@@ -335,7 +338,7 @@ def test_hdr_matches_brute_force(transform, name, level):
 
 @pytest.mark.parametrize("transform", ["none", "log"])
 def test_hdr_of_random_mixtures_with_per_row_levels(transform):
-    cases = random_cases(3, 16, transform)
+    cases = random_cases(3, 12, transform)
     levels = np.random.default_rng(4).uniform(0.05, 0.99, len(cases))
     got = hdr(batch(cases, transform), torch.tensor(levels))
     for params, level, row in zip(cases, levels, got):
