@@ -488,7 +488,7 @@ def _critical_points(m: Mixture) -> _Critical:
     crit, lo, hi, up_lo = (0.5 * (lo + hi)).reshape(-1), lo.reshape(-1), hi.reshape(-1), up_lo.reshape(-1)
     step = hi - lo
     row = torch.arange(n, device=mu.device).repeat_interleave(c)
-    floor = 1e-9 * s.amin(-1)[row]
+    floor = 1e-9 * s_g.amin(-1)[row]
     idx = torch.nonzero((torch.arange(c, device=mu.device) < n_crit.unsqueeze(-1)).reshape(-1)).squeeze(-1)
     for _ in range(200):
         if idx.numel() == 0:
@@ -513,18 +513,14 @@ def _critical_points(m: Mixture) -> _Critical:
     # Padding copies the row's first mode (so the formulas below stay finite) and gets g = -inf.
     modes = torch.where(valid, crit[:, 0::2], crit[:, :1])
     anti = torch.where(cols[:-1] < (count - 1).unsqueeze(-1), crit[:, 1::2], math.inf)
-    g_modes = torch.where(valid, _shape_logpdf(lw, mu, s, modes)[0], -math.inf)
+    g_modes, _, g2 = _shape_logpdf(lw, mu, s, modes)
+    g_modes = torch.where(valid, g_modes, -math.inf)
     g_anti = torch.where(anti < math.inf, _shape_logpdf(lw, mu, s, anti.clamp_max(torch.finfo(_F64).max))[0], -math.inf)
-
     x = (modes.unsqueeze(-1) - mu.unsqueeze(-2)) / s.unsqueeze(-2)
     lj = lw.unsqueeze(-2) - 0.5 * x * x - torch.log(s).unsqueeze(-2)
     log_resp = lj - torch.logsumexp(lj, -1, keepdim=True)
-    r, iv = torch.exp(log_resp), s.unsqueeze(-2) ** -2
-    e = -x / s.unsqueeze(-2)
-    a = (r * iv).sum(-1)
-    slope = (r * e).sum(-1)
-    curv = (a - (r * e * e).sum(-1) + slope * slope).clamp_min(0.0)
-    return _Critical(lw, mu, s, modes, g_modes, anti, g_anti, count, log_resp, curv, a.rsqrt())
+    width = (torch.exp(log_resp) / s.unsqueeze(-2) ** 2).sum(-1).rsqrt()
+    return _Critical(lw, mu, s, modes, g_modes, anti, g_anti, count, log_resp, (-g2).clamp_min(0.0), width)
 
 
 def _rel_logpdf(off: Tensor, log_resp: Tensor, s: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
