@@ -775,6 +775,8 @@ def modes(m: Mixture, min_mass: float = 0.0) -> list[list[tuple[float, float]]]:
     The default 0 reports every local maximum, because the maths here is exact: a shallow bump
     of a predicted density is a real one. Reports and plots pass MODE_MIN_MASS (1e-3).
     """
+    if len(m) == 0:
+        return []
     cp = _critical_points(m)
     x = (cp.anti.unsqueeze(-1) - m.means.unsqueeze(-2)) / m.stds.unsqueeze(-2)
     below = (m.weights.unsqueeze(-2) * _ndtr(x)).sum(-1).clamp(0.0, 1.0)  # (N, J-1); 1 in padding
@@ -810,6 +812,8 @@ def hdr(m: Mixture, level: float | Tensor) -> list[list[tuple[float, float]]]:
     the ends are exact to ~1e-12 of the local std (the ulp of a far-off y aside).
     """
     level = _levels(m, level)
+    if len(m) == 0:
+        return []
     cp = _critical_points(m)
     r, touch = _hdr_radii(m, cp, level)
     sides = torch.tensor(_SIDES, dtype=_F64, device=r.device)
@@ -840,6 +844,8 @@ def hdr_score(m: Mixture, y: Tensor) -> Tensor:
     calibration scores. 0 at the highest mode; 1 for y outside the support (y <= 0 under "log").
     """
     y = _target(m, y)
+    if len(m) == 0:
+        return y.clone()
     z = _to_z(m, y)
     inside = z.isfinite()
     cp = _critical_points(m)

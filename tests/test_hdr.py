@@ -539,6 +539,12 @@ def test_scores_of_draws_from_the_prediction_are_uniform(transform):
     assert stats.kstest(score, "uniform").pvalue > 1e-3
 
 
+def test_empty_batch_and_nan():
+    empty = Mixture(torch.zeros(0, 3, dtype=F64), torch.zeros(0, 3, dtype=F64), torch.ones(0, 3, dtype=F64))
+    assert modes(empty) == [] and hdr(empty, 0.5) == [] and hdr_score(empty, torch.zeros(0)).shape == (0,)
+    assert math.isnan(hdr_score(one(_case([1.0], [0.0], [1.0]), "none"), torch.tensor([math.nan])).item())
+
+
 def test_invalid_levels_raise():
     m = one(_case([1.0], [0.0], [1.0]), "none")
     for bad in (0.0, 1.0, -0.1, float("nan")):
