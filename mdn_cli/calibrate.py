@@ -13,8 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from . import mixture as mx
 from .calibration import DEFAULT_LEVELS, Calibration, fit_sigma_scale
 from .checkpoint import save_checkpoint
@@ -72,7 +70,7 @@ def calibrate_checkpoint(
         m = predictor.mixture(cal)
         if method == "conformal":
             pit = mx.cdf(m, cal.targets).sort().values
-            hdr = mx.hdr_score(m, cal.targets).sort().values if hasattr(mx, "hdr_score") else torch.empty(0, dtype=torch.float64)
+            hdr = mx.hdr_score(m, cal.targets).sort().values
             result = Calibration("conformal", result.sigma_scale, result.val_images, pit, hdr)
             levels = ", ".join(
                 f"{level:.0%} -> CDF levels {lo:.4f}..{hi:.4f}" for level in DEFAULT_LEVELS for lo, hi in [result.interval_probs(level)]

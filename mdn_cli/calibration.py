@@ -149,11 +149,20 @@ class Calibration:
         return low, high
 
     def hdr_level(self, level: float) -> float:
-        """Mass of the mixture's HDR reported at `level` (1.0: the whole support)."""
-        if self.method != "conformal":
+        """Mass of the mixture's highest-density region reported at `level` (1.0: the whole support)."""
+        if self.method != "conformal" or self.hdr_score.numel() == 0:
             return level
-        m = math.ceil(Fraction(level).limit_denominator(10**12) * (self.n_images + 1))
-        return float(self.hdr_score[m - 1]) if m <= self.n_images else 1.0
+        n = self.hdr_score.numel()
+        m = math.ceil(Fraction(level).limit_denominator(10**12) * (n + 1))
+        return float(self.hdr_score[m - 1]) if m <= n else 1.0
+
+    def hdr(self, m: mx.Mixture, level: float) -> list[list[tuple[float, float]]]:
+        """The reported highest-density region at `level` for every row of `m`: the smallest set
+        holding the calibrated mass, as a list of (low, high) pieces in target units."""
+        mass = self.hdr_level(level)
+        if mass >= 1.0:  # too few calibration images for this level: the whole support
+            return [[(0.0 if m.transform == "log" else -math.inf, math.inf)] for _ in range(len(m))]
+        return mx.hdr(m, min(max(mass, 1e-12), 1.0 - 1e-15))
 
     def describe(self, levels: tuple[float, ...] = DEFAULT_LEVELS) -> dict:
         """What every prediction says about how its intervals were made (JSON-ready)."""

@@ -215,7 +215,8 @@ def format_metrics(result: dict) -> str:
     rows = [("NLL (nats/image)", "nll"), ("CRPS", "crps"), ("MAE of mean", "mae_mean"), ("RMSE of mean", "rmse_mean"),
             ("MAE of median", "mae_median"), ("RMSE of median", "rmse_median")]
     for k in keys:
-        rows += [(f"{k}% coverage", f"coverage_{k}"), (f"{k}% mean width", f"width_{k}"), (f"{k}% interval score", f"winkler_{k}")]
+        rows += [(f"{k}% coverage", f"coverage_{k}"), (f"{k}% mean width", f"width_{k}"), (f"{k}% interval score", f"winkler_{k}"),
+                 (f"{k}% HDR coverage", f"hdr_coverage_{k}"), (f"{k}% HDR mean length", f"hdr_width_{k}")]
     rows.append(("calibration error", "calibration_error"))
     width = max(len(r[0]) for r in rows)
     n = result["n"]
@@ -223,7 +224,7 @@ def format_metrics(result: dict) -> str:
     def cell(c: dict, key: str) -> str:
         if key not in c:
             return f"{'':>18}"
-        if key.startswith("coverage_"):
+        if key.startswith(("coverage_", "hdr_coverage_")):
             return f"{c[key]:>9.4f} ± {metrics.binomial_se(c[key], n):.4f}"
         return f"{c[key]:>18.4f}"
 

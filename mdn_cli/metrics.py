@@ -33,14 +33,19 @@ def winkler(lo: torch.Tensor, hi: torch.Tensor, y: torch.Tensor, level: float) -
 
 
 def interval_scores(m: mx.Mixture, y: torch.Tensor, calibration: Calibration, levels=DEFAULT_LEVELS) -> dict[str, float]:
-    """Coverage, mean width and mean Winkler score of the reported interval at each level."""
+    """Coverage, mean width and mean Winkler score of the reported central interval at each level,
+    and coverage and mean total length of the reported highest-density region."""
     out: dict[str, float] = {}
+    scores = mx.hdr_score(m, y)
     for level in levels:
         key = level_key(level)
         lo, hi = calibration.interval(m, level)
         out[f"coverage_{key}"] = float(((y >= lo) & (y <= hi)).double().mean())
         out[f"width_{key}"] = float((hi - lo).mean())
         out[f"winkler_{key}"] = float(winkler(lo, hi, y, level).mean())
+        # y lies in the HDR of mass a exactly when its HDR score is at most a
+        out[f"hdr_coverage_{key}"] = float((scores <= calibration.hdr_level(level)).double().mean())
+        out[f"hdr_width_{key}"] = sum(sum(b - a for a, b in row) for row in calibration.hdr(m, level)) / max(len(m), 1)
     return out
 
 

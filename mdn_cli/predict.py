@@ -15,10 +15,10 @@ import torch
 
 from . import mixture as mx
 from .calibration import DEFAULT_LEVELS, Calibration, level_key
-from .errors import CheckpointError, DataError
-from .images import IMAGE_SUFFIXES, is_image_file
 from .dataset import ImageRegressionDataset, make_loader, resolve_num_workers
+from .errors import CheckpointError, DataError
 from .export import OnnxPredictor, is_onnx
+from .images import IMAGE_SUFFIXES, is_image_file
 from .inference import Predictions, Predictor
 from .runtime import select_runtime
 
@@ -84,12 +84,15 @@ def summarize(
     member_sizes: list[int] | None = None,
     ood_scores: torch.Tensor | None = None,
 ) -> list[dict]:
-    """One dict per row of `m` (the scaled mixture): summaries in target units, components in the
-    model's target space, how the intervals were made and, with `ood_scores`, whether the image
-    looks like the training images."""
+    """One dict per row of `m` (the scaled mixture): summaries in target units (central intervals,
+    highest-density regions as lists of [low, high] pieces, every mode with its probability mass),
+    components in the model's target space, how the intervals were made and, with `ood_scores`,
+    whether the image looks like the training images."""
     mean, std, median, mode = mx.mean(m), mx.std(m), mx.median(m), mx.mode(m)
     aleatoric, epistemic = member_moments(m, member_sizes or [m.weights.shape[1]])
     intervals = {level: calibration.interval(m, level) for level in levels}
+    regions = {level: calibration.hdr(m, level) for level in levels}
+    modes = mx.modes(m, mx.MODE_MIN_MASS)
     described = calibration.describe(levels)
     member_of = [i for i, k in enumerate(member_sizes or [m.weights.shape[1]]) for _ in range(k)]
     order = torch.argsort(m.weights, dim=-1, descending=True)
@@ -99,6 +102,9 @@ def summarize(
                   "std_epistemic": float(epistemic[i]), "median": float(median[i]), "mode": float(mode[i])}
         for level, (lo, hi) in intervals.items():
             record[f"interval_{level_key(level)}"] = [_finite_or_none(float(lo[i])), _finite_or_none(float(hi[i]))]
+        for level, pieces in regions.items():
+            record[f"hdr_{level_key(level)}"] = [[_finite_or_none(a), _finite_or_none(b)] for a, b in pieces[i]]
+        record["modes"] = [{"location": x, "mass": p} for x, p in modes[i]]
         record["components"] = [
             {"weight": float(m.weights[i, k]), "mean": float(m.means[i, k]), "std": float(m.stds[i, k]),
              **({"member": member_of[k]} if member_sizes and len(member_sizes) > 1 else {})}
@@ -172,6 +178,18 @@ def _interval_keys(summary: dict) -> list[str]:
     return [k for k in summary if k.startswith("interval_")]
 
 
+# A mode worth naming in the table: at least this much probability.
+LIKELY_MASS = 0.05
+
+
+def likely_answers(summary: dict) -> list[dict]:
+    return [mode for mode in summary.get("modes", []) if mode["mass"] >= LIKELY_MASS]
+
+
+def _region(pieces: list) -> str:
+    return " ∪ ".join(f"[{_fmt(a, True)}, {_fmt(b)}]" for a, b in pieces)
+
+
 SCALARS = ("mean", "std", "std_aleatoric", "std_epistemic", "median", "mode")
 
 
@@ -181,13 +199,15 @@ def _csv(predictions: list[Prediction]) -> str:
     first = predictions[0].summary if predictions else {}
     keys = _interval_keys(first)
     ood = ["ood_score", "in_distribution"] if "ood_score" in first else []
-    writer.writerow(["image", *SCALARS, *(f"{k}_{end}" for k in keys for end in ("low", "high")), *ood,
+    regions = [k for k in first if k.startswith("hdr_")]
+    writer.writerow(["image", *SCALARS, *(f"{k}_{end}" for k in keys for end in ("low", "high")), *regions, "modes", *ood,
                      "target_transform", "calibration", "components"])
     for p in predictions:
         s = p.summary
         ends = [repr(v) if v is not None else "" for k in keys for v in s[k]]
-        writer.writerow([p.image, *(repr(s[k]) for k in SCALARS), *ends, *(s[k] for k in ood), s["target_transform"],
-                         s["calibration"]["method"], json.dumps(s["components"])])
+        writer.writerow([p.image, *(repr(s[k]) for k in SCALARS), *ends, *(json.dumps(s[k]) for k in regions),
+                         json.dumps(s["modes"]), *(s[k] for k in ood), s["target_transform"], s["calibration"]["method"],
+                         json.dumps(s["components"])])
     return buffer.getvalue()
 
 
@@ -214,6 +234,13 @@ def _table(predictions: list[Prediction]) -> str:
         )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    for p in predictions:
+        answers = likely_answers(p.summary)
+        if len(answers) > 1:
+            words = {2: "two", 3: "three", 4: "four"}.get(len(answers), str(len(answers)))
+            said = " and ".join(f"~{_fmt(a['location'])} ({a['mass']:.0%})" for a in answers)
+            regions = "; ".join(f"{k.removeprefix('hdr_')}% most likely in {_region(p.summary[k])}" for k in p.summary if k.startswith("hdr_"))
+            lines.append(f"{p.image}: {words} likely answers: {said}; {regions}")
     for p in predictions:
         if p.summary.get("in_distribution") is False:
             lines.append(f"⚠ {p.image}: unlike the images the model was trained on (ood score {p.summary['ood_score']:.2f}, "

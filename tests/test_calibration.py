@@ -165,3 +165,45 @@ def test_level_keys():
 def test_impossible_stored_calibrations_are_refused(state, words):
     with pytest.raises(ValueError, match=words):
         Calibration.from_state(state)
+
+
+# --- highest-density regions, calibrated the same way -------------------------------------------
+
+
+@pytest.mark.parametrize("n", [9, 30])
+@pytest.mark.parametrize("level", [0.5, 0.9])
+def test_conformal_highest_density_regions_cover_by_simulation(n, level):
+    """The model predicts one Gaussian; the data are bimodal. The region reported at `level` (the
+    model's HDR at the m-th smallest calibration HDR score) holds a new image with probability
+    exactly m/(n+1)."""
+    trials = 20_000
+    g = torch.Generator().manual_seed(n + round(level * 100))
+
+    def data(count):
+        side = torch.where(torch.rand(count, generator=g) < 0.5, -1.5, 1.5).double()
+        return side + 0.6 * torch.randn(count, generator=g, dtype=torch.float64)
+
+    one = mx.Mixture(torch.ones(n, 1), torch.zeros(n, 1), torch.ones(n, 1))
+    covered = 0.0
+    for _ in range(trials // 500):
+        cal = Calibration("conformal", 1.0, 0, torch.tensor([0.5]), mx.hdr_score(one, data(n)).sort().values)
+        mass = cal.hdr_level(level)
+        new = mx.Mixture(torch.ones(500, 1), torch.zeros(500, 1), torch.ones(500, 1))
+        covered += float((mx.hdr_score(new, data(500)) <= mass).double().sum())
+    coverage = covered / (trials // 500 * 500)
+    slack = 5 * math.sqrt(level * (1 - level) / (trials // 500)) / 5 + 0.02  # calibration sets: trials // 500 of them
+    exact = math.ceil(round(level * (n + 1), 9)) / (n + 1)
+    assert coverage == pytest.approx(exact, abs=slack)
+
+
+def test_reported_regions_are_the_model_hdr_at_the_calibrated_mass():
+    scores = torch.linspace(0.05, 0.99, 19, dtype=torch.float64)  # n = 19
+    cal = Calibration("conformal", 1.0, 0, torch.tensor([0.5]), scores)
+    assert cal.hdr_level(0.5) == pytest.approx(float(scores[9]))  # ceil(0.5 * 20) = 10th smallest
+    assert cal.hdr_level(0.95) == pytest.approx(float(scores[18]))  # 19th: the largest
+    two = mx.Mixture(torch.tensor([[0.5, 0.5]]), torch.tensor([[-3.0, 3.0]]), torch.tensor([[0.5, 0.5]]))
+    pieces = cal.hdr(two, 0.5)[0]
+    assert len(pieces) == 2 and pieces == mx.hdr(two, float(scores[9]))[0]
+    few = Calibration("conformal", 1.0, 0, torch.tensor([0.5]), scores[:5])
+    assert few.hdr(two, 0.95) == [[(-math.inf, math.inf)]]  # too few images: the whole line, never a fake bound
+    assert Calibration().hdr(two, 0.68) == mx.hdr(two, 0.68)  # uncalibrated: the model's own HDR

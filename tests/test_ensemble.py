@@ -15,7 +15,12 @@ from typer.testing import CliRunner
 from mdn_cli import mixture as mx
 from mdn_cli.cli import app
 from mdn_cli.inference import Predictor
-from mdn_cli.ood import FeatureBank, UnfamiliarImages, conformal_threshold, images_needed
+from mdn_cli.ood import (
+    FeatureBank,
+    UnfamiliarImages,
+    conformal_threshold,
+    images_needed,
+)
 from mdn_cli.runtime import Runtime
 
 CPU = Runtime(torch.device("cpu"), None)

@@ -17,8 +17,8 @@ from mdn_cli.calibration import conformal_ranks
 from mdn_cli.cli import app
 
 runner = CliRunner()
-KEYS = {"image", "mean", "std", "std_aleatoric", "std_epistemic", "median", "mode", "interval_68", "interval_95", "components",
-        "target_transform", "calibration"}
+KEYS = {"image", "mean", "std", "std_aleatoric", "std_epistemic", "median", "mode", "interval_68", "interval_95", "hdr_68",
+        "hdr_95", "modes", "components", "target_transform", "calibration"}
 
 
 def mdn(*args):
@@ -57,6 +57,10 @@ def test_predict_json_has_exact_keys_and_consistent_numbers(trained, toy_data):
         assert [float(mx.cdf(m, e)) for e in ends] == pytest.approx(c["interval_probs"], abs=1e-9)
         j, k = conformal_ranks(c["n_images"], 0.95)
         assert j >= 1 and k <= c["n_images"]
+        # highest-density regions: pieces inside the support, nested by level; modes with masses summing to 1
+        assert all(a < b for a, b in r["hdr_68"]) and sum(b - a for a, b in r["hdr_68"]) < sum(b - a for a, b in r["hdr_95"])
+        assert sum(mode["mass"] for mode in r["modes"]) == pytest.approx(1.0, abs=1e-9)
+        assert r["modes"][0]["location"] == pytest.approx(r["mode"], rel=1e-6) or len(r["modes"]) > 1
         assert r["std"] > 0
         assert sum(c["weight"] for c in r["components"]) == pytest.approx(1.0)
         assert r["mean"] == pytest.approx(sum(c["weight"] * c["mean"] for c in r["components"]), rel=1e-9)

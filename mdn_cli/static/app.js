@@ -121,11 +121,14 @@ function hdrPieces(value) {
 }
 
 // Modes as [{location, mass}], from [{location, mass}] or [[location, mass]].
+// Modes worth naming: at least 5% of the probability (as `mdn predict`'s table).
+const LIKELY_MASS = 0.05;
+
 function modesOf(record) {
   if (!Array.isArray(record.modes)) return [];
   return record.modes
     .map((m) => (Array.isArray(m) ? { location: m[0], mass: m[1] } : { location: m?.location, mass: m?.mass }))
-    .filter((m) => isNum(m.location));
+    .filter((m) => isNum(m.location) && (!isNum(m.mass) || m.mass >= LIKELY_MASS));
 }
 
 const COUNT_WORDS = ["no", "one", "two", "three", "four", "five", "six"];
@@ -145,7 +148,9 @@ function intervalKeys(record) {
     .sort((a, b) => Number(a.slice(9)) - Number(b.slice(9)));
 }
 
+// Highest-density regions, shown when they say more than the central intervals: for a multimodal answer.
 function hdrKeys(record) {
+  if (modesOf(record).length < 2) return [];
   return Object.keys(record).filter((k) => /^hdr_\d+$/.test(k));
 }
 
