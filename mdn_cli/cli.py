@@ -246,6 +246,26 @@ def evaluate(
 
 
 @app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint (best.pt) or an ensemble.", metavar="CHECKPOINT")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the ONNX model.")] = Path("model.onnx"),
+) -> None:
+    """Export a trained model as ONNX, with its calibrated distribution intact.
+
+    Inputs uint8 RGB images (N x 3 x S x S); outputs the mixture weights, means and stds (and the
+    unfamiliar-image score); the metadata rebuilds every summary. `mdn predict --checkpoint
+    model.onnx` runs it on onnxruntime.
+
+    Example: mdn export runs/toy/best.pt --output toy.onnx"""
+    try:
+        from .export import export_onnx
+
+        export_onnx(checkpoint, output, log=typer.echo)
+    except MdnError as e:
+        raise fail(str(e), e.exit_code) from None
+
+
+@app.command()
 def serve(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to serve (a best.pt).")],
     host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 for every interface (no auth: see the README).")] = "127.0.0.1",
