@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
+import tempfile
 import signal
 from pathlib import Path
 
@@ -11,6 +13,9 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+# Caches (ONNX exports for onnxruntime, decoded images) go to a folder of this test session, never
+# to the user's home.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="mdn-test-cache-")
 
 
 def load_script(name: str):
