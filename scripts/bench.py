@@ -452,8 +452,9 @@ def measure_batch_prediction(setup: TrainingSetup, checkpoint: Path, paths: list
     runtime, bs = setup.runtime, setup.cfg.train.batch_size
     device_setting = str(runtime.device)
 
-    def mdn() -> int:
-        predictions, _ = predict_images(paths, checkpoint, device=device_setting, batch_size=bs, on_skip=on_skip, progress=False)
+    def run(backend: str) -> int:
+        predictions, _ = predict_images(paths, checkpoint, device=device_setting, batch_size=bs, on_skip=on_skip, progress=False,
+                                        backend=backend, log=log)
         return len(predictions)
 
     model = setup.model.eval()
@@ -466,15 +467,20 @@ def measure_batch_prediction(setup: TrainingSetup, checkpoint: Path, paths: list
                 model(bare_images[i * bs : (i + 1) * bs])
         return n_batches * bs
 
-    predict_images(paths[:bs], checkpoint, device=device_setting, batch_size=bs, on_skip=on_skip, progress=False)
+    for backend in ("auto", "torch"):  # warm-up; `auto` exports the checkpoint for onnxruntime here, once
+        predict_images(paths[:bs], checkpoint, device=device_setting, batch_size=bs, on_skip=on_skip, progress=False,
+                       backend=backend, log=log)
     bare()
-    mdn_rate, ref = Rate(), Rate()
+    mdn_rate, torch_rate, ref = Rate(), Rate(), Rate()
     for w in range(plan.predict_windows):
         ref.add(*timed(bare, runtime.device))
-        mdn_rate.add(*timed(mdn, runtime.device))
-        log(f"  predict window {w + 1}/{plan.predict_windows}: mdn {mdn_rate.windows[-1]:.1f} img/s, bare {ref.windows[-1]:.1f} img/s")
+        mdn_rate.add(*timed(lambda: run("auto"), runtime.device))
+        torch_rate.add(*timed(lambda: run("torch"), runtime.device))
+        log(f"  predict window {w + 1}/{plan.predict_windows}: mdn {mdn_rate.windows[-1]:.1f} img/s "
+            f"(--backend torch {torch_rate.windows[-1]:.1f}), bare {ref.windows[-1]:.1f} img/s")
     model.train()
-    return {"images": len(paths), "mdn": mdn_rate.to_json(), "bare": ref.to_json(), "ratio": mdn_rate.value / ref.value}
+    return {"images": len(paths), "mdn": mdn_rate.to_json(), "mdn_torch": torch_rate.to_json(), "bare": ref.to_json(),
+            "ratio": mdn_rate.value / ref.value, "ratio_torch": torch_rate.value / ref.value}
 
 
 MINIMAL_PREDICT = textwrap.dedent(
@@ -629,6 +635,8 @@ def markdown_table(results: list[dict], plan: Plan) -> str:
         row(r, "loader img/s, warm disk cache", f"{ld['disk']['images_per_s']:.0f}", bare, ld["disk"]["x_bare_step"], "loader_disk_x_bare")
         row(r, f"batch prediction img/s ({pb['images']} images)", spread(pb["mdn"]),
             f"bare inference {spread(pb['bare'])}", pb["ratio"], "predict_batch_ratio")
+        row(r, "batch prediction img/s, `--backend torch`", spread(pb["mdn_torch"]),
+            f"bare inference {spread(pb['bare'])}", pb["ratio_torch"])
         row(r, "single-image predict wall s (median)", f"{ps['mdn_s']:.2f}", f"minimal script {ps['minimal_s']:.2f}",
             ps["ratio"], "predict_single_ratio")
         row(r, f"compute GFLOP/s (train {c['train_gflop_per_image']:.2f} GFLOP/img)", f"mdn {c['mdn_gflops']:.1f}, bare {c['bare_gflops']:.1f}",
