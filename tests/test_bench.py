@@ -26,6 +26,8 @@ MEASUREMENTS = (
     "predict_batch.mdn.images_per_s",
     "predict_batch.bare.images_per_s",
     "predict_batch.ratio",
+    "predict_batch.mdn_torch.images_per_s",
+    "predict_batch.ratio_torch",
     "predict_single.mdn_s",
     "predict_single.minimal_s",
     "predict_single.ratio",
@@ -81,5 +83,5 @@ def test_bench_quick_reports_every_measurement(tmp_path):
     assert "| setting | measurement | mdn | reference | ratio | target | met |" in table
     for setting in report["settings"]:
         rows = [line for line in table.splitlines() if line.startswith(f"| {setting['name']} ")]
-        assert len(rows) == 7, table  # training, 3 loader rows, batch and single prediction, compute
+        assert len(rows) == 8, table  # training, 3 loader rows, batch prediction (auto, torch), single prediction, compute
     assert "targets met:" in table and "machine:" in table
