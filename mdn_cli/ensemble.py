@@ -95,7 +95,7 @@ def build_ensemble(
         save_checkpoint(ensemble, path)
         log(f"ensemble of {len(members)} members: " + ", ".join(
             f"{s['model_args']['backbone']} ({s['model_args']['components']} components, {s['model_args']['image_size']}px)" for s, _ in members))
-        examples = read_splits(folder / SPLITS_FILE, root, config["data"]["target_transform"])
+        examples = read_splits(folder / SPLITS_FILE, root, config["data"])
         splits = {name: [e for e in examples if e.split == name] for name in ("train", "val", "calibration", "test")}
         runtime = select_runtime(device, "fp32", what="--precision")
         train_cfg = config["train"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,6 +39,8 @@ class Evaluation:
     """The same without any calibration."""
     calibration: Calibration
     levels: tuple[float, ...] = DEFAULT_LEVELS
+    target: dict = field(default_factory=lambda: {"name": "target", "unit": ""})
+    """{"name", "unit"} of what is predicted."""
 
     @property
     def targets(self) -> torch.Tensor:
@@ -60,7 +62,7 @@ def examples_for(
         if not splits_file.is_file():
             raise DataError(f"{splits_file}: not found; evaluate needs the run folder of the checkpoint, or pass --data LABELS.csv")
         split = split or "test"
-        chosen = [e for e in read_splits(splits_file, Path(d["root"]), transform) if e.split == split]
+        chosen = [e for e in read_splits(splits_file, Path(d["root"]), d) if e.split == split]
         if not chosen:
             raise DataError(f"{splits_file}: the run has no '{split}' images; choose another --split or pass --data")
         return chosen, Path(d["root"]), f"the {len(chosen)} {split} images of {run_dir}"
@@ -118,7 +120,8 @@ def score_examples(
             "nll": float(-mx.log_prob(oracle, y).mean()),
             "crps": float(mx.crps(oracle, y).mean()),
         }
-    return Evaluation(result, kept, m, raw, calibration, levels)
+    result["target"] = predictor.target
+    return Evaluation(result, kept, m, raw, calibration, levels, predictor.target or {"name": "target", "unit": ""})
 
 
 def oracle_mixture(examples: list[Example], root: Path) -> mx.Mixture | None:
@@ -228,7 +231,10 @@ def format_metrics(result: dict) -> str:
             return f"{c[key]:>9.4f} ± {metrics.binomial_se(c[key], n):.4f}"
         return f"{c[key]:>18.4f}"
 
-    lines = [f"{'metric'.ljust(width)}  " + "  ".join(f"{name:>18}" for name, _ in columns)]
+    target = result.get("target") or {}
+    unit = f" (errors and widths in {target['unit']})" if target.get("unit") else ""
+    lines = [f"{target.get('name', 'target')}{unit}"] if target else []
+    lines.append(f"{'metric'.ljust(width)}  " + "  ".join(f"{name:>18}" for name, _ in columns))
     lines += [f"{label.ljust(width)}  " + "  ".join(cell(c, key) for _, c in columns) for label, key in rows]
     lines.append(f"{'images'.ljust(width)}  {n:>18d}")
     if "calibration" in result:
@@ -256,7 +262,8 @@ def _write_predictions(path: Path, evaluation: Evaluation) -> None:
     keys = [level_key(level) for level in evaluation.levels]
     with atomic_writer(path, newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["image", "target", "mean", "std", "median", *(f"interval_{k}_{end}" for k in keys for end in ("low", "high")), "pit"])
+        writer.writerow(["image", evaluation.target["name"], "mean", "std", "median",
+                         *(f"interval_{k}_{end}" for k in keys for end in ("low", "high")), "pit"])
         for i, e in enumerate(examples):
             ends = [v for lo, hi in intervals.values() for v in (lo[i], hi[i])]
             writer.writerow([e.image, e.target, *(f"{float(v):.6g}" for v in (mean[i], std[i], median[i], *ends, pit[i]))])

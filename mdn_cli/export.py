@@ -170,6 +170,7 @@ class OnnxPredictor:
         self.image_size = int(meta["input"]["size"])
         self.transform = meta["target_transform"]
         self.member_sizes = list(meta["member_components"])
+        self.target = {"name": meta.get("target_name") or "target", "unit": meta.get("target_unit", "")}
         self.calibration = Calibration.from_state({**c, "pit": torch.tensor(c["pit"], dtype=torch.float64),
                                                    "hdr_score": torch.tensor(c["hdr_score"], dtype=torch.float64)})
 

@@ -93,6 +93,8 @@ class Predictor:
     members: list[Member]
     calibration: Calibration
     unfamiliar: UnfamiliarImages | None = None
+    target: dict | None = None
+    """{"name", "unit"} of what is predicted (from the training config)."""
 
     @classmethod
     def from_checkpoint(cls, path, runtime: Runtime) -> tuple[Predictor, dict]:
@@ -117,7 +119,9 @@ class Predictor:
             raise CheckpointError(f"{path}: checkpoint contents do not match this mdn ({type(e).__name__}: {str(e)[:200]})") from None
         for member in members:
             runtime.prepare(member.model).eval()
-        return cls(members, calibration, unfamiliar), ckpt
+        data = (ckpt.get("config") or {}).get("data", {})
+        target = {"name": data.get("target_name") or data.get("target_column") or "target", "unit": data.get("target_unit", "")}
+        return cls(members, calibration, unfamiliar, target), ckpt
 
     def __post_init__(self) -> None:
         self.forward = EnsembleForward([m.model for m in self.members]).eval()

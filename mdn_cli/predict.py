@@ -18,7 +18,13 @@ from . import mixture as mx
 from .calibration import DEFAULT_LEVELS, Calibration, level_key
 from .dataset import ImageRegressionDataset, make_loader, resolve_num_workers
 from .errors import CheckpointError, ConfigError, DataError
-from .export import ONNX_HELP, OnnxPredictor, cached_onnx, is_onnx, onnxruntime_available
+from .export import (
+    ONNX_HELP,
+    OnnxPredictor,
+    cached_onnx,
+    is_onnx,
+    onnxruntime_available,
+)
 from .images import IMAGE_SUFFIXES, is_image_file
 from .inference import Predictions, Predictor
 from .runtime import select_device, select_runtime
@@ -131,6 +137,8 @@ def records(predictor: Predictor, predictions: Predictions, levels: tuple[float,
 class Prediction:
     image: str
     summary: dict
+    target: dict | None = None
+    """{"name", "unit"} of what is predicted."""
 
 
 def predict_images(
@@ -166,14 +174,15 @@ def predict_images(
         if m is None:
             return [], None
         summaries = summarize(m, model.calibration, levels, model.member_sizes, ood)
-        return [Prediction(str(images[i]), s) for i, s in zip(indices.tolist(), summaries)], m
+        return [Prediction(str(images[i]), s, model.target) for i, s in zip(indices.tolist(), summaries)], m
     runtime = select_runtime(device, precision, what="--precision")
     predictor, _ = Predictor.from_checkpoint(checkpoint, runtime)
     predictions = predictor.run(images, runtime, batch_size=batch_size, num_workers=num_workers, on_skip=on_skip, progress=progress)
     if len(predictions.indices) == 0:
         return [], None
     kept = [images[i] for i in predictions.indices.tolist()]
-    return [Prediction(str(p), s) for p, s in zip(kept, records(predictor, predictions, levels))], predictor.mixture(predictions)
+    summaries = records(predictor, predictions, levels)
+    return [Prediction(str(p), s, predictor.target) for p, s in zip(kept, summaries)], predictor.mixture(predictions)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,7 +244,7 @@ def _table(predictions: list[Prediction]) -> str:
     keys = _interval_keys(predictions[0].summary) if predictions else []
     ensemble = any(p.summary["std_epistemic"] > 0 for p in predictions)
     header = ("image", "mean", "std", *(("aleatoric", "epistemic") if ensemble else ()), "median", "mode",
-              *(f"{k.removeprefix('interval_')}% interval" for k in keys), "components (weight: mean ± std)")
+              *(f"{k.removeprefix('interval_')}% interval" for k in keys), "components (share: mean ± std)")
     rows = []
     for p in predictions:
         s = p.summary
@@ -248,6 +257,10 @@ def _table(predictions: list[Prediction]) -> str:
         )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    target = predictions[0].target if predictions else None
+    if target:
+        unit = f" ({target['unit']})" if target["unit"] else ""
+        lines.insert(0, f"predicted {target['name']}{unit}:")
     for p in predictions:
         answers = likely_answers(p.summary)
         if len(answers) > 1:

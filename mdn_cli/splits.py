@@ -103,18 +103,20 @@ def split_counts(splits: list[str]) -> str:
     return " / ".join(f"{splits.count(s)} {s}" for s in SPLITS)
 
 
-def write_splits(path: Path, examples: list[Example], splits: list[str]) -> None:
-    """splits.csv in the run folder: the exact images, targets and splits of the run."""
+def write_splits(path: Path, examples: list[Example], splits: list[str], target_column: str) -> None:
+    """splits.csv in the run folder: the exact images, targets (under the labels file's own column
+    name) and splits of the run."""
     with atomic_writer(path, newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["image", "target", "split"])
+        writer.writerow(["image", target_column, "split"])
         for example, split in zip(examples, splits):
             writer.writerow([example.image, repr(example.target), split])
 
 
-def read_splits(path: Path, root: Path, transform: str) -> list[Example]:
-    """The examples a run recorded in its splits.csv (images under `root`)."""
-    return read_labels(path, root, "image", "target", "split", transform).examples
+def read_splits(path: Path, root: Path, data: dict) -> list[Example]:
+    """The examples a run recorded in its splits.csv (images under `root`); `data`: the run's
+    config data section (the target column and transform)."""
+    return read_labels(path, root, "image", data["target_column"], "split", data["target_transform"]).examples
 
 
 def describe_changes(recorded: list[Example], current: list[Example]) -> str | None:

@@ -132,7 +132,7 @@ def prepare_data(cfg: Config, run_dir: Path, resume: bool, previous_sha256: str 
     where = labels_path(cfg)
     root = Path(cfg.data.root)
     if resume:
-        recorded = read_splits(run_dir / SPLITS_FILE, root, cfg.data.target_transform)
+        recorded = read_splits(run_dir / SPLITS_FILE, root, cfg.data.model_dump())
         try:
             labels = read_labels(where, root, cfg.data.image_column, cfg.data.target_column, cfg.data.split_column,
                                  cfg.data.target_transform)
@@ -197,7 +197,7 @@ class Training:
         self.data = prepare_data(cfg, self.run_dir, self.resume, (previous or {}).get("data", {}).get("labels_sha256"), self.log)
         check_split_sizes(self.data.splits, cfg.train.batch_size, labels_path(cfg))
         if dist.is_main and not self.resume:
-            write_splits(self.run_dir / SPLITS_FILE, self.data.examples, self.data.splits)
+            write_splits(self.run_dir / SPLITS_FILE, self.data.examples, self.data.splits, cfg.data.target_column)
             write_text_atomic(self.run_dir / "config.yaml", to_yaml(cfg))
         train_targets = torch.tensor([e.target for e in self.data.split("train")], dtype=torch.float64)
         self.targets = TargetScaler.fit(train_targets, cfg.data.target_transform)

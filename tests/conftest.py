@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import tempfile
 import signal
+import tempfile
 from pathlib import Path
 
 import pytest

@@ -67,7 +67,7 @@ def test_train_members_builds_an_ensemble_run_folder(members):
     assert metrics["calibration"]["method"] == "conformal" and "unfamiliar" in metrics
     result = mdn("predict", data / "images" / "00000.png", data / "images" / "00001.png", "-c", folder / "best.pt")
     assert result.exit_code == 0, result.output
-    header = result.stdout.splitlines()[0]
+    header = result.stdout.splitlines()[1]
     assert "aleatoric" in header and "epistemic" in header
 
 

@@ -71,7 +71,8 @@ def test_predict_table_csv_and_output_file(trained, toy_data, tmp_path):
     image = toy_data / "images" / "00000.png"
     table = mdn("predict", image, "-c", trained)
     assert table.exit_code == 0
-    header = table.stdout.splitlines()[0]
+    caption, header = table.stdout.splitlines()[:2]
+    assert caption == "predicted weight:"  # the target column's name (data.target_name and data.target_unit override)
     for column in ("mean", "std", "median", "mode", "68% interval", "95% interval", "components"):
         assert column in header
     out = tmp_path / "preds.csv"
@@ -140,7 +141,7 @@ def test_evaluate_default_test_split_writes_everything(trained, tmp_path):
         bins = metrics["conditional"][table]
         assert sum(b["n"] for b in bins) == n_test and all({"coverage_68", "width_95"} <= set(b) for b in bins)
     rows = list(csv.DictReader(open(out / "predictions.csv")))
-    assert len(rows) == n_test and {"target", "mean", "std", "pit"} <= set(rows[0])
+    assert len(rows) == n_test and {"weight", "mean", "std", "pit"} <= set(rows[0])  # the target named as in the labels file
     assert all(0.0 <= float(r["pit"]) <= 1.0 for r in rows)
     for label in ("NLL", "CRPS", "95% coverage", "95% interval score", "calibration error", "oracle", "by decile of predicted std"):
         assert label in result.stdout
