@@ -6,19 +6,58 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from .errors import MdnError
 
+
+def _plain_help(params: list) -> list:
+    """Typer prints a type tag beside every parameter: `<bool>` beside a flag, `<list[str]>` beside
+    `IMAGE...`. A flag's name says what it takes, and so does an argument's metavar: drop those."""
+    for param in params:
+        if isinstance(param, TyperOption) and param.is_flag:
+            param.metavar = ""
+        elif isinstance(param, TyperArgument) and param.metavar:
+            param.display_type_rich = lambda ctx: None  # the panel shows the metavar in the name column
+    return params
+
+
+class Command(TyperCommand):
+    """A command whose help reads like a hand-kept CLI: `mdn predict [OPTIONS] IMAGE...` in the
+    usage line (Typer writes `{images}...`), and no type tags where they add nothing."""
+
+    def get_params(self, ctx):
+        return _plain_help(super().get_params(ctx))
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                name = param.metavar or param.name.upper()
+                if param.nargs != 1 and not name.endswith("..."):
+                    name += "..."
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
+class Group(TyperGroup):
+    def get_params(self, ctx):
+        return _plain_help(super().get_params(ctx))
+
+
 app = typer.Typer(
     name="mdn",
+    cls=Group,
     help="Image regression with honest uncertainty: train a CNN + mixture density network on labelled "
     "images, then predict a full distribution (mean, std, median, 68%/95% intervals, modes) per image.",
+    epilog="Start with: mdn train configs/toy.yaml, then mdn predict IMAGE... (each command has --help with examples).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # paragraphs reflow to the terminal's width; examples are code blocks
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -47,21 +86,64 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-@app.command()
+def counted(n: int, noun: str) -> str:
+    """'1 plot', '2 plots'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _device(value: str) -> str:
+    # The pattern only (no torch import); whether that device is there, the runtime checks.
+    from .config import DEVICE_PATTERN
+
+    if not DEVICE_PATTERN.match(value):
+        raise typer.BadParameter(f"expected auto, cpu, cuda, cuda:N (N: a GPU number) or mps, got {value!r}")
+    return value
+
+
+# Options shared by several commands, declared once so that their help reads the same everywhere.
+Device = Annotated[
+    str,
+    typer.Option("--device", metavar="DEVICE", callback=_device,
+                 help="auto, cpu, cuda, cuda:N (the N-th GPU) or mps; auto picks CUDA, then MPS, then the CPU."),
+]
+Precision = Annotated[
+    Literal["fp32", "bf16", "fp16", "auto"],
+    typer.Option("--precision", help="fp32 is exact; bf16 / fp16 (CUDA only) are faster and slightly less exact; "
+                 "auto: bf16 or fp16 on a CUDA GPU, fp32 elsewhere."),
+]
+Levels = Annotated[
+    str | None,
+    typer.Option("--levels", metavar="LEVELS", help="Central interval levels, comma-separated (default: 0.6827,0.95)."),
+]
+
+
+@app.command(cls=Command, epilog="""**Examples**
+
+    mdn train configs/toy.yaml
+    mdn train configs/toy.yaml --set train.epochs=3 --set model.components=5
+    # continue after Ctrl-C
+    mdn train configs/toy.yaml --resume
+    # an ensemble of 5 seeds
+    mdn train configs/toy.yaml --members 5
+
+The run folder (run.out_dir/run.name) gets config.yaml, splits.csv, metrics.csv, curves.png
+(rewritten every epoch: open it to watch the run), last.pt, best.pt and eval/.""")
 def train(
-    config: Annotated[Path, typer.Argument(help="YAML config file (see configs/ and the README's config reference).")],
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML config file (see configs/ and the README's config reference).")],
     set_: Annotated[
         list[str] | None,
-        typer.Option("--set", "-s", help="Override a config value: --set train.epochs=3 (repeatable)."),
+        typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a config value, e.g. --set train.epochs=3 (repeatable)."),
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run from its last.pt.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished or stale run of the same name.")] = False,
     members: Annotated[
-        int, typer.Option("--members", min=1, help="Train this many members (seeds run.seed, run.seed+1, ...) and their ensemble.")
+        int, typer.Option("--members", min=1, metavar="N", help="Train N members (seeds run.seed, run.seed+1, ...) and their ensemble.")
     ] = 1,
 ) -> None:
-    """Train a backbone + MDN head; writes config.yaml, splits.csv, metrics.csv, last.pt and best.pt
-    to run.out_dir/run.name."""
+    """Train a model on labelled images.
+
+    A backbone CNN with a mixture density head learns the full distribution of the target for each
+    image; after training it is calibrated and scored on the test split."""
     import signal
 
     from .config import load_config
@@ -93,21 +175,33 @@ def train(
         raise fail(f"interrupted; {hint}", EXIT_INTERRUPTED) from None
 
 
-@app.command()
+@app.command(cls=Command, epilog="""**Examples**
+
+    mdn train configs/toy.yaml --set run.name=toy-1 --set run.seed=1
+    mdn train configs/toy.yaml --set run.name=toy-2 --set run.seed=2
+    mdn ensemble runs/toy-1/best.pt runs/toy-2/best.pt -o runs/toy-ens
+    mdn predict photo.jpg -c runs/toy-ens/best.pt
+
+`mdn train CONFIG --members N` does all of this in one go.""")
 def ensemble(
-    checkpoints: Annotated[list[Path], typer.Argument(help="Trained members: best.pt files of runs on the same labels and split.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Run folder for the ensemble (or a .pt path in one).")] = Path("runs/ensemble"),
+    checkpoints: Annotated[
+        list[Path], typer.Argument(metavar="CHECKPOINT...", help="Trained members: best.pt files of runs on the same labels and split.")
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", metavar="FOLDER", help="Run folder for the ensemble (or a .pt path in one).")
+    ] = Path("runs/ensemble"),
     data_root: Annotated[
-        Path | None, typer.Option("--data-root", help="Where the images are now, if not where the first member was trained.")
+        Path | None,
+        typer.Option("--data-root", metavar="FOLDER", help="Where the images are now, if not where the first member was trained."),
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an ensemble already at --output.")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    device: Device = "auto",
 ) -> None:
-    """Combine trained models into one checkpoint that predicts their average mixture, with its
-    own calibration (std scale on val, conformal levels and the unfamiliar-image threshold on the
-    calibration split) and its test-split scores.
+    """Combine trained models into one ensemble checkpoint.
 
-    Example: mdn ensemble runs/toy-1/best.pt runs/toy-2/best.pt runs/toy-3/best.pt -o runs/toy-ens"""
+    The ensemble predicts the average of its members' mixtures, with its own calibration (std scale
+    on val, conformal levels and the unfamiliar-image threshold on the calibration split) and its
+    test-split scores."""
     try:
         from .ensemble import build_ensemble
 
@@ -132,30 +226,48 @@ def _levels(text: str | None) -> tuple[float, ...]:
     return tuple(sorted(set(levels)))
 
 
-@app.command()
-def predict(
-    images: Annotated[list[str], typer.Argument(help="Image files, folders (every image inside) or glob patterns.")],
-    checkpoint: Annotated[
-        Path | None, typer.Option("--checkpoint", "-c", help="Checkpoint to use (default: the newest best.pt under ./runs).")
-    ] = None,
-    format: Annotated[str, typer.Option("--format", "-f", help="Output format: table, json or csv.")] = "table",
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
-    plot: Annotated[
-        Path | None, typer.Option("--plot", help="Write one PNG per image (image beside its predicted density) here.")
-    ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
-    levels: Annotated[
-        str | None, typer.Option("--levels", help="Central interval levels, comma-separated (default: 0.6827,0.95).")
-    ] = None,
-    precision: Annotated[str, typer.Option(help="fp32 (default), or bf16 / fp16 on a CUDA GPU: faster, slightly less exact.")] = "fp32",
-) -> None:
-    """Predict a distribution per image: mean, std, median, mode, 68% and 95% intervals, and the
-    mixture components. Exit code 1 when some inputs could not be read (the rest are still predicted)."""
-    from .predict import FORMATS
+@app.command(cls=Command, epilog="""**Examples**
 
-    if format not in FORMATS:
-        raise fail(f"--format must be one of {', '.join(FORMATS)} (got {format!r})")
+    # with the newest runs/**/best.pt
+    mdn predict photo.jpg
+    mdn predict photos/ "litter*/*.jpg" -c runs/toy/best.pt
+    mdn predict photo.jpg --format json --output preds.json
+    # one PNG per image: the image beside its predicted density
+    mdn predict photo.jpg --plot plots/
+
+Exit code 1 when some inputs could not be read (the rest are still predicted).""")
+def predict(
+    images: Annotated[
+        list[str], typer.Argument(metavar="IMAGE...", help="Image files, folders (every image inside) or glob patterns.")
+    ],
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option("--checkpoint", "-c", metavar="CHECKPOINT", help="Checkpoint to use (default: the newest best.pt under ./runs)."),
+    ] = None,
+    format: Annotated[
+        Literal["table", "json", "csv"], typer.Option("--format", "-f", help="Output format.")
+    ] = "table",
+    output: Annotated[Path | None, typer.Option("--output", "-o", metavar="FILE", help="Write to this file instead of stdout.")] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option("--plot", metavar="FOLDER", help="Write one PNG per image here: the image beside its predicted density."),
+    ] = None,
+    device: Device = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, metavar="N", help="Images per forward pass.")] = 32,
+    levels: Levels = None,
+    precision: Precision = "fp32",
+    backend: Annotated[
+        Literal["auto", "torch", "onnxruntime"],
+        typer.Option("--backend", help="auto: onnxruntime for fp32 on a CPU when it is installed (about 3x faster there; the "
+                     "checkpoint is exported once into ~/.cache/mdn-cli), PyTorch otherwise."),
+    ] = "auto",
+) -> None:
+    """Predict a distribution for each image.
+
+    For every image: mean, std (its aleatoric and epistemic parts for an ensemble), median, mode,
+    the 68% and 95% intervals, the highest-density regions, every likely answer with its
+    probability, the mixture components, and a warning for images unlike the training images;
+    as a table, JSON or CSV."""
     try:
         from .predict import (
             collect_images,
@@ -180,51 +292,61 @@ def predict(
             typer.secho(f"skipped: {message}", err=True, fg=typer.colors.YELLOW)
 
         predictions, mixture = predict_images(paths, checkpoint, device=device, batch_size=batch_size, on_skip=on_skip,
-                                              levels=_levels(levels), precision=precision)
+                                              levels=_levels(levels), precision=precision, backend=backend,
+                                              log=lambda message: typer.echo(message, err=True))
         if predictions:
             write_output(format_predictions(predictions, format), output)
+            if output is not None:
+                typer.echo(f"wrote {counted(len(predictions), 'prediction')} to {output}", err=True)
         if plot is not None and predictions:
-            from .plots import write_density_plots
+            from .plots import checkpoint_label, write_density_plots
 
-            written = write_density_plots(predictions, mixture, plot)
-            typer.echo(f"wrote {len(written)} plots to {plot}", err=True)
+            written = write_density_plots(predictions, mixture, plot, checkpoint_label(checkpoint))
+            typer.echo(f"wrote {counted(len(written), 'plot')} to {plot}", err=True)
     except MdnError as e:
         raise fail(str(e), e.exit_code) from None
     if problems or skipped:
         n = len(problems) + len(skipped)
-        raise fail(f"{n} input{'s' if n > 1 else ''} could not be read (see above); {len(predictions)} predicted", 1)
+        raise fail(f"{counted(n, 'input')} could not be read (see above); {len(predictions)} predicted", 1)
 
 
-@app.command()
+@app.command(cls=Command, epilog="""**Examples**
+
+    # the newest run's test split
+    mdn evaluate
+    mdn evaluate -c runs/toy/best.pt --split val
+    mdn evaluate -c runs/toy/best.pt --data new/labels.csv -o new-eval/
+
+Writes metrics.json, predictions.csv, reliability.png, pit_histogram.png, predicted_vs_true.png
+and coverage_by_bin.png.""")
 def evaluate(
     checkpoint: Annotated[
-        Path | None, typer.Option("--checkpoint", "-c", help="Checkpoint to score (default: the newest best.pt under ./runs).")
+        Path | None,
+        typer.Option("--checkpoint", "-c", metavar="CHECKPOINT", help="Checkpoint to score (default: the newest best.pt under ./runs)."),
     ] = None,
     data: Annotated[
         Path | None,
-        typer.Option("--data", help="A labels CSV in the training format (image paths relative to its folder); default: the run's own split."),
+        typer.Option("--data", metavar="LABELS.csv",
+                     help="A labels CSV in the training format (image paths relative to its folder); default: the run's own split."),
     ] = None,
     split: Annotated[
-        str | None,
-        typer.Option("--split", help="train, val, calibration or test (default: test of the run's splits.csv; all rows of --data)."),
+        Literal["train", "val", "calibration", "test"] | None,
+        typer.Option("--split", metavar="SPLIT",
+                     help="train, val, calibration or test (default: test of the run's splits.csv; every row of --data)."),
     ] = None,
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Output folder (default: eval/ for the run's test split, else eval-NAME/).")
+        Path | None,
+        typer.Option("--output", "-o", metavar="FOLDER", help="Output folder (default: eval/ for the run's test split, else eval-NAME/)."),
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace results of other inputs in the output folder.")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    levels: Annotated[
-        str | None, typer.Option("--levels", help="Central interval levels, comma-separated (default: 0.6827,0.95).")
-    ] = None,
-    precision: Annotated[str, typer.Option(help="fp32 (default), or bf16 / fp16 on a CUDA GPU.")] = "fp32",
+    device: Device = "auto",
+    levels: Levels = None,
+    precision: Precision = "fp32",
 ) -> None:
-    """Score a checkpoint on labelled images: NLL, CRPS, MAE/RMSE, interval coverage, width and
-    interval score (also by decile of the true value and of the predicted std), calibration error;
-    writes metrics.json, predictions.csv and diagnostic plots."""
-    from .labels import SPLITS
+    """Score a checkpoint on labelled images.
 
-    if split is not None and split not in SPLITS:
-        raise fail(f"--split must be one of {', '.join(SPLITS)} (got {split!r})")
+    NLL, CRPS, MAE/RMSE, interval coverage, width and interval score (also by decile of the true
+    value and of the predicted std) and calibration error, with diagnostic plots."""
     try:
         from .evaluate import evaluate as run_evaluation
         from .evaluate import format_metrics
@@ -242,21 +364,25 @@ def evaluate(
         raise fail(str(e), e.exit_code) from None
     typer.echo(f"{checkpoint} on {described}:")
     typer.echo(format_metrics(evaluation.metrics), nl=False)
-    typer.echo(f"wrote metrics.json, predictions.csv and plots to {out}")
+    plots = sorted(p.name for p in out.glob("*.png"))
+    typer.echo(f"wrote metrics.json, predictions.csv and {counted(len(plots), 'plot')} ({', '.join(plots)}) to {out}")
 
 
-@app.command()
+@app.command(cls=Command, epilog="""**Examples**
+
+    mdn export runs/toy/best.pt --output toy.onnx
+    mdn predict photo.jpg --checkpoint toy.onnx
+
+Needs the export extra: pip install "mdn-cli[export]".""")
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint (best.pt) or an ensemble.", metavar="CHECKPOINT")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the ONNX model.")] = Path("model.onnx"),
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="A checkpoint (best.pt) or an ensemble's.")],
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE", help="Where to write the ONNX model.")] = Path("model.onnx"),
 ) -> None:
-    """Export a trained model as ONNX, with its calibrated distribution intact.
+    """Export a trained model as ONNX, its calibrated distribution intact.
 
     Inputs uint8 RGB images (N x 3 x S x S); outputs the mixture weights, means and stds (and the
     unfamiliar-image score); the metadata rebuilds every summary. `mdn predict --checkpoint
-    model.onnx` runs it on onnxruntime.
-
-    Example: mdn export runs/toy/best.pt --output toy.onnx"""
+    model.onnx` runs it on onnxruntime."""
     try:
         from .export import export_onnx
 
@@ -265,21 +391,31 @@ def export(
         raise fail(str(e), e.exit_code) from None
 
 
-@app.command()
+@app.command(cls=Command, epilog="""**Examples**
+
+    # then open http://127.0.0.1:8000/
+    mdn serve runs/toy/best.pt
+    mdn serve runs/toy/best.pt --host 0.0.0.0 --port 8080
+
+Needs the serve extra: pip install "mdn-cli[serve]".""")
 def serve(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint to serve (a best.pt).")],
-    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 for every interface (no auth: see the README).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free port).")] = 8000,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    max_batch: Annotated[int, typer.Option(min=1, help="Most images in one forward pass.")] = 32,
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="Checkpoint to serve (a best.pt).")],
+    host: Annotated[
+        str, typer.Option("--host", metavar="ADDRESS", help="Address to listen on; 0.0.0.0 for every interface (no auth: see the README).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, metavar="PORT", help="Port (0: any free port).")] = 8000,
+    device: Device = "auto",
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, metavar="N", help="Most images in one forward pass.")] = 32,
     max_wait_ms: Annotated[
-        float, typer.Option(min=0, help="How long an image waits for others to share its forward pass.")
+        float, typer.Option("--max-wait-ms", min=0, metavar="MS", help="How long an image waits for others to share its forward pass.")
     ] = 10.0,
-    max_files: Annotated[int, typer.Option(min=1, help="Most files in one request.")] = 16,
-    max_upload_mb: Annotated[float, typer.Option(min=0.001, help="Most megabytes in one request.")] = 20.0,
+    max_files: Annotated[int, typer.Option("--max-files", min=1, metavar="N", help="Most files in one request.")] = 16,
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, metavar="MB", help="Most megabytes in one request.")] = 20.0,
 ) -> None:
-    """Serve predictions over HTTP: a web page at /, POST /predict (multipart, fields named "file"),
-    GET /health. Concurrent requests share forward passes."""
+    """Serve predictions over HTTP, with a web page.
+
+    A web page at /, POST /predict (multipart, fields named "file") and GET /health. Concurrent
+    requests share forward passes."""
     import importlib.util
 
     needed = {"fastapi": "fastapi", "uvicorn": "uvicorn", "python-multipart": ("python_multipart", "multipart")}

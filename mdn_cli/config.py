@@ -60,6 +60,8 @@ class RunConfig(_Section):
     has its own seed, data.split_seed."""
     device: str = "auto"
     """auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps."""
+    tensorboard: bool = False
+    """Also write per-epoch scalars to run_dir/tensorboard/ (needs `pip install "mdn-cli[tensorboard]"`)."""
 
     @field_validator("device")
     @classmethod

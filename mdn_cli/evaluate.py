@@ -179,9 +179,10 @@ def evaluate(
         write_text_atomic(output / "metrics.json", json.dumps({**header, **evaluation.metrics}, indent=2) + "\n")
         _write_predictions(output / "predictions.csv", evaluation)
         if plots:
+            from .config import target_label
             from .plots import evaluation_plots
 
-            evaluation_plots(evaluation, output)
+            evaluation_plots(evaluation, output, target_label(ckpt["config"]["data"]))
     except OSError as e:
         raise DataError(f"{output}: cannot write evaluation results ({e.strerror})") from None
     return evaluation, output, described

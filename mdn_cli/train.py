@@ -28,7 +28,8 @@ from .backbones import check_image_size, get_backbone
 from .cache import DecodedCache, cache_directory
 from .calibrate import calibrate_checkpoint
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import Config, to_yaml
+from .config import Config, target_label, to_yaml
+from .curves import TENSORBOARD_FOLDER, tensorboard_log, write_curves
 from .dataset import (
     Augment,
     ImageRegressionDataset,
@@ -172,6 +173,8 @@ class Training:
         self.selection = "val_nll" if cfg.train.calibration == "none" else "val_nll_calibrated"
         self._trainable: tuple[str, nn.Module] | None = None
         self._feature_loaders: dict[str, torch.utils.data.DataLoader] = {}
+        # TensorBoard (run.tensorboard): made here, so that a missing package stops the run before it trains.
+        self.tensorboard = tensorboard_log(run_dir / TENSORBOARD_FOLDER, dist.is_main) if cfg.run.tensorboard else None
 
     def run(self) -> Path:
         self.setup()
@@ -384,6 +387,8 @@ class Training:
             self.best_val = row[self.selection]
         if self.dist.is_main:
             self.write_epoch(improved)
+        if self.tensorboard is not None:
+            self.tensorboard.log(row)
         self.log(
             f"epoch {epoch + 1:>3}/{self.cfg.train.epochs}  train NLL {fit.train_nll:8.4f}  val NLL {val.nll:8.4f} "
             f"(calibrated {val.nll_calibrated:.4f})  val MAE {val.mae:.4g}  lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s"
@@ -423,6 +428,9 @@ class Training:
             writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS)
             writer.writeheader()
             writer.writerows(self.history)
+        # curves.png beside metrics.csv, rewritten every epoch so that a run can be watched.
+        best = min(self.history, key=lambda r: r[self.selection])["epoch"]
+        write_curves(self.history, self.run_dir / "curves.png", best, target_label(self.cfg.data.model_dump()))
 
     def on_skip(self, message: str) -> None:
         if self.cfg.data.on_bad_image == "error":

@@ -34,7 +34,7 @@ def test_train_writes_the_run_folder_and_resumes(tiny_config, tmp_path):
     assert result.exit_code == 0, result.output
     run = tmp_path / "runs" / "tiny"
     assert {p.name for p in run.iterdir()} == {
-        ".lock", "config.yaml", "splits.csv", "metrics.csv", "last.pt", "best.pt", "eval"
+        ".lock", "config.yaml", "splits.csv", "metrics.csv", "curves.png", "last.pt", "best.pt", "eval"
     }
     assert {p.name for p in (run / "eval").iterdir()} == {
         "metrics.json", "predictions.csv", "reliability.png", "pit_histogram.png", "predicted_vs_true.png",
