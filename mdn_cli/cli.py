@@ -378,7 +378,7 @@ def export(
     checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="A checkpoint (best.pt) or an ensemble's.")],
     output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE", help="Where to write the ONNX model.")] = Path("model.onnx"),
 ) -> None:
-    """Export a trained model as ONNX, its calibrated distribution intact.
+    """Export a trained model to ONNX, its distribution intact.
 
     Inputs uint8 RGB images (N x 3 x S x S); outputs the mixture weights, means and stds (and the
     unfamiliar-image score); the metadata rebuilds every summary. `mdn predict --checkpoint
