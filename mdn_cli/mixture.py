@@ -365,6 +365,8 @@ def _crps_lognormal_mixture(m: Mixture, y: Tensor) -> Tensor:
 # scale-space theory); nothing below relies on that bound.
 
 MODE_MIN_MASS = 1e-3
+# A mode worth naming to a user (tables, plots, the web page): at least this much probability.
+LIKELY_MASS = 0.05
 """A `min_mass` for `modes` in reports and plots: bumps holding under 0.1% of the probability are
 real local maxima of the predicted density, but say nothing a reader can use."""
 

@@ -240,14 +240,16 @@ def density_figure(image, m: mx.Mixture, summary: dict, label: str, name: str) -
     (`hdr_68`, `hdr_95`: lists of [low, high] pieces). `summary["in_distribution"] is False` adds a
     warning. Artists carry a gid ("hdr_68", "component_1", "mode_2", ...) that tests can find."""
     levels = sorted((k.removeprefix("interval_") for k in summary if k.startswith("interval_")), key=float)
-    hdr_keys = [f"hdr_{k}" for k in levels if summary.get(f"hdr_{k}")]
     modes = summary.get("modes") or [{"location": summary["mode"], "mass": None}]
+    # Highest-density regions say more than the central intervals only for a multimodal answer.
+    multimodal = sum(1 for md in modes if (md.get("mass") or 0) >= mx.LIKELY_MASS) > 1
+    hdr_keys = [f"hdr_{k}" for k in levels if summary.get(f"hdr_{k}")] if multimodal else []
 
     # The x range: nearly all the mass, plus everything the record reports, with a little room.
     q = mx.quantile(m, [0.0025, 0.9975])[0].tolist()
     marks = [summary["mean"], summary["median"], *(d["location"] for d in modes)]
     marks += [v for k in levels for v in summary[f"interval_{k}"] if v is not None]
-    marks += [v for key in hdr_keys for piece in summary[key] for v in piece]
+    marks += [v for key in hdr_keys for piece in summary[key] for v in piece if v is not None]
     low, high = min(q[0], *marks), max(q[1], *marks)
     pad = 0.06 * (high - low) + 1e-12 * max(abs(low), abs(high), 1.0)
     low, high = low - pad, high + pad

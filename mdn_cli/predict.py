@@ -201,12 +201,9 @@ def _interval_keys(summary: dict) -> list[str]:
     return [k for k in summary if k.startswith("interval_")]
 
 
-# A mode worth naming in the table: at least this much probability.
-LIKELY_MASS = 0.05
-
-
 def likely_answers(summary: dict) -> list[dict]:
-    return [mode for mode in summary.get("modes", []) if mode["mass"] >= LIKELY_MASS]
+    """The modes worth naming: at least mx.LIKELY_MASS of the probability each."""
+    return [mode for mode in summary.get("modes", []) if mode["mass"] >= mx.LIKELY_MASS]
 
 
 def _region(pieces: list) -> str:
