@@ -7,6 +7,7 @@ normalisation and image size it was trained with (stored in every checkpoint).
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,8 +137,15 @@ def _load_local(model: nn.Module, path: Path, classifier: str | None) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ModelError(f"model.pretrained: weights file {path} not found") from None
-    except Exception as e:  # unpickling refused, truncated zip, not a torch file
-        raise ModelError(f"model.pretrained: {path} is not a loadable state_dict ({type(e).__name__}: {e})") from None
+    except pickle.UnpicklingError:  # it holds Python objects other than tensors: never unpickled here
+        raise ModelError(
+            f"model.pretrained: {path} holds Python objects other than tensors (a whole model, not its weights?), which mdn "
+            "does not load because unpickling them could run code; save the weights alone with "
+            "torch.save(model.state_dict(), path)"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - truncated zips, random bytes, folders: not a torch file
+        raise ModelError(f"model.pretrained: {path} is not a PyTorch weights file ({type(e).__name__}); "
+                         "save one with torch.save(model.state_dict(), path)") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]

@@ -285,6 +285,8 @@ def predict(
             typer.secho(f"skipped: {problem}", err=True, fg=typer.colors.YELLOW)
         if not paths:
             raise fail("no images to predict")
+        if plot is not None and plot.exists() and not plot.is_dir():
+            raise fail(f"--plot: {plot} is a file; give a folder to write the plots into")
         skipped: list[str] = []
 
         def on_skip(message: str) -> None:

@@ -224,6 +224,8 @@ def cached_onnx(checkpoint: Path, log: Callable[[str], None] = print) -> Path | 
     try:
         log(f"exporting {checkpoint} for onnxruntime, once (about 3x faster on CPUs; cached in {path.parent})")
         return export_onnx(checkpoint, path, log=lambda message: None)
+    except CheckpointError:
+        raise  # a broken checkpoint: PyTorch could not use it either
     except (MdnError, OSError) as e:
         log(f"note: running PyTorch instead of onnxruntime ({str(e).splitlines()[0][:160]})")
         return None

@@ -116,7 +116,8 @@ class Predictor:
                 unfamiliar = UnfamiliarImages.from_state(ckpt["unfamiliar"], [m.bank for m in members])  # type: ignore[misc]
             _check_plausible(members)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{path}: checkpoint contents do not match this mdn ({type(e).__name__}: {str(e)[:200]})") from None
+            raise CheckpointError(f"{path}: damaged, or not written by this mdn ({type(e).__name__}: {str(e)[:200]}); "
+                                  "use the checkpoint a training run wrote, or retrain") from None
         for member in members:
             runtime.prepare(member.model).eval()
         data = (ckpt.get("config") or {}).get("data", {})

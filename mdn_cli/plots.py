@@ -23,6 +23,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from . import metrics  # noqa: E402
 from . import mixture as mx  # noqa: E402
 from .calibration import Calibration, level_key  # noqa: E402
+from .errors import DataError  # noqa: E402
 from .files import atomic_writer  # noqa: E402
 
 DPI = 110
@@ -375,7 +376,10 @@ def write_density_plots(predictions, m: mx.Mixture, out: Path, label: str) -> li
     names the target on the axes ('weight (lb)', see `checkpoint_label`)."""
     from .images import load_rgb
 
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--plot: cannot create the folder {out} ({e.strerror or type(e).__name__})") from None
     written, used = [], set()
     for i, p in enumerate(predictions):
         name = Path(p.image).stem

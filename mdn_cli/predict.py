@@ -173,6 +173,7 @@ def predict_images(
         m, ood, indices = model.run(loader, on_skip)
         if m is None:
             return [], None
+        _note_uncalibrated(model.calibration, checkpoint, log)
         summaries = summarize(m, model.calibration, levels, model.member_sizes, ood)
         return [Prediction(str(images[i]), s, model.target) for i, s in zip(indices.tolist(), summaries)], m
     runtime = select_runtime(device, precision, what="--precision")
@@ -180,9 +181,16 @@ def predict_images(
     predictions = predictor.run(images, runtime, batch_size=batch_size, num_workers=num_workers, on_skip=on_skip, progress=progress)
     if len(predictions.indices) == 0:
         return [], None
+    _note_uncalibrated(predictor.calibration, checkpoint, log)
     kept = [images[i] for i in predictions.indices.tolist()]
     summaries = records(predictor, predictions, levels)
     return [Prediction(str(p), s, predictor.target) for p, s in zip(kept, summaries)], predictor.mixture(predictions)
+
+
+def _note_uncalibrated(calibration: Calibration, checkpoint: Path, log: Callable[[str], None]) -> None:
+    if calibration.method == "none":
+        log(f"note: {checkpoint} is not calibrated (last.pt is written every epoch; training calibrates best.pt at "
+            "its end): its intervals are the model's own, with no coverage guarantee")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -199,9 +199,6 @@ class Training:
         previous = load_checkpoint(self.run_dir / "last.pt") if self.resume else None
         self.data = prepare_data(cfg, self.run_dir, self.resume, (previous or {}).get("data", {}).get("labels_sha256"), self.log)
         check_split_sizes(self.data.splits, cfg.train.batch_size, labels_path(cfg))
-        if dist.is_main and not self.resume:
-            write_splits(self.run_dir / SPLITS_FILE, self.data.examples, self.data.splits, cfg.data.target_column)
-            write_text_atomic(self.run_dir / "config.yaml", to_yaml(cfg))
         train_targets = torch.tensor([e.target for e in self.data.split("train")], dtype=torch.float64)
         self.targets = TargetScaler.fit(train_targets, cfg.data.target_transform)
         self.num_workers = resolve_num_workers(cfg.data.num_workers)
@@ -218,6 +215,9 @@ class Training:
         self.segments = [Segment(0, cfg.train.epochs, cfg.train.warmup_epochs)]
         if previous is not None:
             self.load_training_state(previous)
+        if dist.is_main and not self.resume:  # once the model is built: its weights file, if any, has loaded
+            write_splits(self.run_dir / SPLITS_FILE, self.data.examples, self.data.splits, cfg.data.target_column)
+            write_text_atomic(self.run_dir / "config.yaml", to_yaml(cfg))
         self.scheduler = make_scheduler(self.optimizer, self.segments, self.steps_per_epoch)
         if previous is not None:  # after the scheduler, which sets every group's lr when it is made
             self.optimizer.load_state_dict(previous["optimizer"])
