@@ -16,13 +16,7 @@ from mdn_cli.mixture import Mixture, hdr, hdr_score, interval, mode, modes
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Small tensors and many iterations: intra-op thread barriers cost more than they give.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ---- scipy references, in target units --------------------------------------------------------------

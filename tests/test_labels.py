@@ -10,12 +10,11 @@ import io
 import math
 import os
 import re
-import signal
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import within
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -57,20 +56,6 @@ def lines_in(message: str, path: Path) -> dict[int, str]:
     return {int(n): text for n, text in re.findall(rf"^\s*{re.escape(str(path))}:(\d+): (.*)$", message, re.M)}
 
 
-@contextmanager
-def no_hang(seconds: float):
-    """Turns a hang into a failure (the reader must never block on a pipe or loop forever)."""
-
-    def fail(*_):
-        raise TimeoutError(f"read_labels took more than {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, fail)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 # --- the API ------------------------------------------------------------------------------------------
@@ -370,7 +355,7 @@ def test_symlinks_and_non_files_get_one_line_each(root, monkeypatch):
     }
     content = "image,weight\nimg/1.png,1\n" + "".join(f"{image},{line}\n" for line, (image, _) in rows.items())
     content += "img/inside.png,13\n"
-    with no_hang(10):
+    with within(10):
         message = error(root, content)
     problems = lines_in(message, root / "labels.csv")
     assert message.startswith(f"{root / 'labels.csv'}: {len(rows)} problems")
@@ -465,7 +450,7 @@ def test_targets_that_are_all_equal_are_a_note(root):
     ],
 )
 def test_rows_of_the_wrong_shape_are_refused(root, content, line, words):
-    with no_hang(20):
+    with within(20):
         message = error(root, content)
     problems = lines_in(message, root / "labels.csv")
     assert line in problems and words in problems[line], message[:500]
@@ -487,7 +472,7 @@ def test_long_files_split_across_read_blocks_keep_their_lines(root):
 
 def test_a_50_mb_single_line_is_refused_without_reading_it_all(root):
     path = write(root, b"x" * (50 << 20))
-    with no_hang(20):
+    with within(20):
         with pytest.raises(DataError, match=r"labels.csv:1: this line is longer than 1 MiB"):
             read_labels(path, root, "image", "weight", None)
 
@@ -602,7 +587,7 @@ def check(root: Path, content: bytes, split_column: str | None = "split", transf
     path = root / "labels.csv"
     path.write_bytes(content)
     try:
-        with no_hang(5):
+        with within(5):
             labels = read_labels(path, root, "image", "weight", split_column, transform)
     except DataError as e:
         assert all(c.isprintable() or c == "\n" for c in str(e)), repr(str(e))

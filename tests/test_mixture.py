@@ -30,14 +30,7 @@ from mdn_cli.mixture import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # On a small shared machine the intra-op thread barriers cost ~10 ms per op on these small
-    # tensors (the bisection runs thousands of them); one thread is 10x faster here.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 PROBS = (0.01, 0.025, P68[0], 0.5, P68[1], 0.975, 0.99)
