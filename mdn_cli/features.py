@@ -66,7 +66,7 @@ def cached_features(
     dataset = ImageRegressionDataset(paths, targets, model.args.image_size)
     loader = make_loader(dataset, batch_size, num_workers, share, pin_memory=runtime.pin_memory)
     batches = tqdm(loader, desc=f"backbone features ({name})", unit="batch", leave=False, disable=not dist.is_main)
-    out = run_model(BackboneFeatures(model).train(model.training), batches, runtime, on_skip)  # leaves its mode as it was
+    out = run_model(BackboneFeatures(model), batches, runtime, on_skip)
     if len(out.indices):
         features[out.indices] = out.heads[0]
         decoded[out.indices] = 1

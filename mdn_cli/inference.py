@@ -217,8 +217,10 @@ class Outputs:
 
 @torch.inference_mode()
 def run_model(model: torch.nn.Module, batches: Iterable[Batch], runtime: Runtime, on_skip: Callable[[str], None]) -> Outputs:
-    """Run `model` over `batches` in eval mode; `on_skip(message)` for each image that did not decode."""
-    was_training = model.training
+    """Run `model` over `batches` in eval mode; `on_skip(message)` for each image that did not decode.
+    Every submodule's own mode is restored afterwards (a frozen backbone stays in eval mode while
+    the head trains)."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     heads: list[tuple[torch.Tensor, ...]] = []
     targets: list[torch.Tensor] = []
@@ -235,7 +237,8 @@ def run_model(model: torch.nn.Module, batches: Iterable[Batch], runtime: Runtime
             targets.append(batch.targets)
             indices.append(batch.indices)
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
     if not heads:
         return Outputs((), torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.int64))
     return Outputs(tuple(torch.cat(p) for p in zip(*heads)), torch.cat(targets), torch.cat(indices))

@@ -233,18 +233,14 @@ class Training:
 
     def make_image_loaders(self) -> None:
         cfg, dist = self.cfg, self.dist
-        self.caches: dict[str, DecodedCache] = {}
 
         def dataset(split: str, augment: Augment = Augment()) -> ImageRegressionDataset:
             rows = self.data.split(split)
-            if cfg.data.cache != "none" and split not in self.caches:
-                self.caches[split] = DecodedCache(
-                    cfg.data.cache, len(rows), self.args.image_size, cache_directory(cfg.data.cache_dir), dist.machine_tensor, split
-                )
-            return ImageRegressionDataset([e.path for e in rows], [e.target for e in rows], self.args.image_size, augment,
-                                          self.caches.get(split))
+            cache = None if cfg.data.cache == "none" else DecodedCache(
+                cfg.data.cache, len(rows), self.args.image_size, cache_directory(cfg.data.cache_dir), dist.machine_tensor, split
+            )
+            return ImageRegressionDataset([e.path for e in rows], [e.target for e in rows], self.args.image_size, augment, cache)
 
-        self.dataset = dataset
         n_train = len(self.data.split("train"))
         self.sampler = SeededSampler(n_train, True, cfg.run.seed, dist.rank, dist.world_size)
         augment = Augment(flip=cfg.data.flip, shift=cfg.data.shift)
@@ -320,7 +316,6 @@ class Training:
 
     def make_feature_loaders(self) -> None:
         self.log("computing backbone features once (the backbone is frozen)")
-        self.model.eval()
         loaders = {}
         for split in ("train", "val"):
             rows = self.data.split(split)

@@ -306,3 +306,21 @@ def test_batches_of_one_image_train(tiny_config, tmp_path):
     result = mdn("train", tiny_config, "--set", "train.batch_size=1", "--set", "train.epochs=1")
     assert result.exit_code == 0, result.output
     assert float(rows(tmp_path / "runs/tiny/metrics.csv")[0]["images_per_s"]) > 0
+
+
+def test_running_the_model_leaves_every_submodule_in_its_own_mode():
+    """Validation and feature caching run the network in eval mode in between training steps; they
+    must hand back a frozen backbone still in eval mode and a head still training (with dropout)."""
+    from mdn_cli.dataset import Batch
+    from mdn_cli.engine import set_train_mode
+    from mdn_cli.inference import run_model
+    from mdn_cli.model import MDNRegressor, ModelArgs
+
+    model = MDNRegressor(ModelArgs("resnet18", 2, 32, (0.5,) * 3, (0.25,) * 3))
+    set_train_mode(model, frozen=True, global_batch=32)
+    before = {name: m.training for name, m in model.named_modules()}
+    batch = Batch(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(2, dtype=torch.float64), torch.arange(2),
+                  torch.full((2,), -1), [])
+    run_model(model, [batch], Runtime(torch.device("cpu"), None), print)
+    assert {name: m.training for name, m in model.named_modules()} == before
+    assert model.head.training and not model.backbone.training
