@@ -180,3 +180,14 @@ def test_threshold_order_statistic_and_too_few_images():
     assert conformal_threshold(scores, 0.99) == 99.0  # ceil(0.99 * 100) = 99: the largest
     assert conformal_threshold(scores, 0.9) == 90.0
     assert conformal_threshold(scores[:98], 0.99) == math.inf and images_needed(0.99) == 99
+
+
+def test_benchmark_ood_script_reports_each_set(members, capsys):
+    from conftest import load_script
+
+    tmp, data, _ = members
+    assert load_script("benchmark_ood").main([str(tmp / "runs/tiny-1/best.pt"), "--n", "3", "--other", str(data / "images"),
+                                              "--limit", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "| random noise | 3 | 100.0% (3) |" in out and "| solid colour | 3 | 100.0% (3) |" in out
+    assert "its own test split" in out and f"| {data / 'images'} | 4 |" in out
