@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError
-from .files import atomic_writer
+from .files import atomic_writer, interrupts_held
 
 FORMAT_VERSION = 2
 REQUIRED_KEYS = ("format_version", "config", "model_args", "target_scaler", "model")
@@ -35,10 +35,10 @@ ENSEMBLE_KEYS = ("format_version", "config", "members", "calibration")
 
 def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
     """Write atomically (temp file, fsync, rename): a crash leaves either the previous complete
-    file or the new complete file, never a torn one."""
+    file or the new complete file, never a torn one. Ctrl-C waits for the write to finish."""
     path = Path(path)
     try:
-        with atomic_writer(path, "wb") as f:
+        with interrupts_held(), atomic_writer(path, "wb") as f:
             torch.save({"format_version": FORMAT_VERSION, **payload}, f)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot write checkpoint ({e.strerror or e}); the previous file is intact") from None

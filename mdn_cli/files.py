@@ -3,12 +3,36 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 TMP_SUFFIX = ".tmp"
+_held: list[int] | None = None  # signals received inside the outermost `interrupts_held` block
+
+
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block ends, then deliver them: a group of files (an epoch's
+    checkpoints and history) is written whole, and an interrupt never lands inside `torch.save`,
+    whose zip writer turns it into a RuntimeError. Nests; a no-op outside the main thread."""
+    global _held
+    if _held is not None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _held = []
+    previous = {s: signal.signal(s, lambda signum, frame: _held.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        held, _held = _held, None
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        if held:
+            signal.raise_signal(held[0])  # the handler in force before the block decides what it means
 
 
 def temp_path(path: Path) -> Path:

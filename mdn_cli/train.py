@@ -53,7 +53,7 @@ from .engine import (
 )
 from .errors import ConfigError, DataError, TrainingError
 from .features import cached_features
-from .files import atomic_writer, write_text_atomic
+from .files import atomic_writer, interrupts_held, write_text_atomic
 from .labels import Example, read_labels
 from .model import MDNRegressor, ModelArgs
 from .run_folder import lock_run_dir, prepare_run_dir
@@ -415,14 +415,16 @@ class Training:
         }
 
     def write_epoch(self, improved: bool) -> None:
+        """best.pt, last.pt and metrics.csv of one epoch, written together (Ctrl-C waits for all three)."""
         state = self.model_state()
-        if improved:
-            save_checkpoint(state, self.run_dir / "best.pt")
-        save_checkpoint({**state, **self.training_state()}, self.run_dir / "last.pt")
-        with atomic_writer(self.run_dir / "metrics.csv", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS)
-            writer.writeheader()
-            writer.writerows(self.history)
+        with interrupts_held():
+            if improved:
+                save_checkpoint(state, self.run_dir / "best.pt")
+            save_checkpoint({**state, **self.training_state()}, self.run_dir / "last.pt")
+            with atomic_writer(self.run_dir / "metrics.csv", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS)
+                writer.writeheader()
+                writer.writerows(self.history)
         # curves.png beside metrics.csv, rewritten every epoch so that a run can be watched.
         best = min(self.history, key=lambda r: r[self.selection])["epoch"]
         write_curves(self.history, self.run_dir / "curves.png", best, target_label(self.cfg.data.model_dump()))

@@ -12,6 +12,7 @@ full metrics go to <run folder>/benchmark.json.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import subprocess
 import sys
@@ -54,17 +55,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--resume", action="store_true", help="Continue an interrupted run of the same config instead of starting over.")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         started = time.perf_counter()
-        run_dir = train(cfg, overwrite=True)
+        run_dir = train(cfg, resume=args.resume, overwrite=not args.resume)
         minutes = (time.perf_counter() - started) / 60
     except MdnError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
-    history = (run_dir / "metrics.csv").read_text().strip().splitlines()[1:]
+    with open(run_dir / "metrics.csv", newline="") as f:
+        history = list(csv.DictReader(f))
+    if args.resume:  # the wall time of the epochs themselves, summed over the interrupted and resumed parts
+        minutes = sum(float(r["seconds"]) for r in history) / 60
     commit = git_commit()
     label = f"`{args.config}`" + "".join(f" `{o}`" for o in args.overrides)
     lines = [HEADER, row(label, commit, len(history), minutes, metrics)]

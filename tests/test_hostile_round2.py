@@ -182,6 +182,41 @@ def test_ctrl_c_before_the_first_epoch_says_start_again(tmp_path, toy_data):
     assert mdn("train", config, "--set", "train.epochs=1").exit_code == 0  # and starting again just works
 
 
+def test_ctrl_c_inside_a_block_of_writes_is_delivered_after_it():
+    from mdn_cli.files import interrupts_held
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler would run here, were the signal not held
+            done.append("rest of the block")
+    assert done == ["rest of the block"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler in force before is back
+
+
+def test_ctrl_c_while_an_epoch_is_saved_keeps_the_whole_epoch(tmp_path, toy_data, monkeypatch):
+    """Ctrl-C during torch.save used to tear the write (a RuntimeError traceback from the zip
+    writer, exit 1) or lose the epoch; now the epoch's files are finished, then the run stops."""
+    import mdn_cli.checkpoint
+
+    real_save = torch.save
+
+    def save_then_interrupted(obj, f):
+        os.kill(os.getpid(), signal.SIGINT)  # arrives while the checkpoint is being written
+        time.sleep(0.05)
+        real_save(obj, f)
+
+    monkeypatch.setattr(mdn_cli.checkpoint.torch, "save", save_then_interrupted)
+    config = write_config(tmp_path / "c.yaml", toy_data, tmp_path / "runs", train={"epochs": 3, "batch_size": 8})
+    output = one_line_error(mdn("train", config), code=130)
+    run = tmp_path / "runs" / "tiny"
+    assert "holds the last completed epoch" in output and "--resume" in output
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1 and (run / "best.pt").is_file()
+    assert len((run / "metrics.csv").read_text().strip().splitlines()) == 2  # the header and epoch 1
+    assert not list(run.glob(".*.tmp"))
+
+
 # --- 7. untrusted numbers in files ---------------------------------------------------------------
 
 
