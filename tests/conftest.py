@@ -6,6 +6,9 @@ import contextlib
 import importlib.util
 import os
 import signal
+import subprocess
+import sys
+import time
 import tempfile
 from pathlib import Path
 
@@ -55,6 +58,19 @@ def write_config(path: Path, data_root: Path, out_dir: Path, **sections) -> Path
         cfg[section].update(values)
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     return path
+
+
+def train_until(config: Path, marker: Path, signum: int = signal.SIGINT, poll: float = 0.05) -> tuple[int, str]:
+    """Run `mdn train CONFIG` in a real process, send it `signum` (SIGKILL included) once `marker`
+    exists (or at once if the process ends first, or after 300 s); returns its exit code and stderr."""
+    proc = subprocess.Popen([sys.executable, "-m", "mdn_cli", "train", str(config)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(poll)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
 
 
 @pytest.fixture

@@ -4,15 +4,11 @@ run, precision and devices, augmentation switches, and the loop's refusal to pre
 import csv
 import math
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_config
+from conftest import train_until, write_config
 from typer.testing import CliRunner
 
 from mdn_cli import engine
@@ -122,13 +118,8 @@ def test_resume_with_loader_workers_matches_an_uninterrupted_run(tmp_path, toy_d
     stopped = write_config(tmp_path / "b.yaml", toy_data, tmp_path / "runs", run={"name": "stopped"}, data=data, **common)
     assert mdn("train", straight).exit_code == 0
     run = tmp_path / "runs" / "stopped"
-    proc = subprocess.Popen([sys.executable, "-m", "mdn_cli", "train", str(stopped)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not (run / "metrics.csv").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    returncode, err = train_until(stopped, run / "metrics.csv", poll=0.02)
+    assert returncode == 130, err
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
     result = mdn("train", stopped, "--resume")
     assert result.exit_code == 0, result.output

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_config
+from conftest import train_until, write_config
 from typer.testing import CliRunner
 
 from mdn_cli.cli import app
@@ -170,15 +170,10 @@ def test_pretrained_files_that_are_not_weights_never_advise_weights_only_false(t
 
 def test_ctrl_c_before_the_first_epoch_says_start_again(tmp_path, toy_data):
     config = write_config(tmp_path / "c.yaml", toy_data, tmp_path / "runs", train={"epochs": 3, "batch_size": 8})
-    proc = subprocess.Popen([sys.executable, "-m", "mdn_cli", "train", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (tmp_path / "runs" / "tiny" / "config.yaml").exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    returncode, err = train_until(config, tmp_path / "runs" / "tiny" / "config.yaml", poll=0.01)
     if (tmp_path / "runs" / "tiny" / "last.pt").exists():
         pytest.skip("the first epoch finished before the signal (a very fast machine)")
-    assert proc.returncode == 130 and "nothing to resume" in err and "--resume" not in err.split("Start again")[-1]
+    assert returncode == 130 and "nothing to resume" in err and "--resume" not in err.split("Start again")[-1]
     assert mdn("train", config, "--set", "train.epochs=1").exit_code == 0  # and starting again just works
 
 
@@ -258,13 +253,8 @@ def test_sigterm_stops_like_ctrl_c_leaving_no_temp_files_or_workers(tmp_path, to
     config = write_config(tmp_path / "c.yaml", toy_data, tmp_path / "runs", data={"num_workers": 2},
                           train={"epochs": 50, "batch_size": 8})
     run = tmp_path / "runs" / "tiny"
-    proc = subprocess.Popen([sys.executable, "-m", "mdn_cli", "train", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not (run / "metrics.csv").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)  # what schedulers and `docker stop` send
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "interrupted" in err and "--resume" in err and "Traceback" not in err
+    returncode, err = train_until(config, run / "metrics.csv", signal.SIGTERM)  # what schedulers and `docker stop` send
+    assert returncode == 130 and "interrupted" in err and "--resume" in err and "Traceback" not in err
     assert not list(run.glob(".*.tmp")) and not list(run.glob("*.tmp"))
     time.sleep(1)
     left = subprocess.run(["pgrep", "-f", str(config)], capture_output=True, text=True).stdout.split()

@@ -5,13 +5,12 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import write_config
+from conftest import train_until, write_config
 from typer.testing import CliRunner
 
 from mdn_cli.checkpoint import FORMAT_VERSION
@@ -97,12 +96,7 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, toy_
     assert mdn("train", straight).exit_code == 0
 
     run = tmp_path / "runs" / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "mdn_cli", "train", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not (run / "metrics.csv").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.kill()  # SIGKILL, somewhere in epoch 2 (or while writing its checkpoint)
-    proc.wait()
+    train_until(killed, run / "metrics.csv", signal.SIGKILL)  # somewhere in epoch 2 (or while writing its checkpoint)
     assert (run / "metrics.csv").exists(), "training never finished epoch 1"
     for name in ("last.pt", "best.pt"):
         assert torch.load(run / name, weights_only=True)["epoch"] >= 1  # complete, loadable files
@@ -120,13 +114,8 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, toy_
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path, toy_data):
     config = write_config(tmp_path / "c.yaml", toy_data, tmp_path / "runs", train={"epochs": 50, "batch_size": 8})
     run = tmp_path / "runs" / "tiny"
-    proc = subprocess.Popen([sys.executable, "-m", "mdn_cli", "train", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not (run / "metrics.csv").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    returncode, err = train_until(config, run / "metrics.csv")
+    assert returncode == 130, err
     assert "interrupted" in err and f"mdn train {config} --resume" in err and "Traceback" not in err
     epoch = torch.load(run / "last.pt", weights_only=True)["epoch"]
     assert epoch >= 1
