@@ -44,16 +44,21 @@ def curves_figure(history: list[dict], best_epoch: int | None, label: str) -> Fi
             nll.text(0.99, 0.97, "first epochs above the top of the axis", transform=nll.transAxes, ha="right",
                      va="top", fontsize=7, color="0.4")
     mae.plot(epochs, [r["val_mae"] for r in history], color="#1f2d5c", lw=1.6, label="val", **style)
-    mae.set_ylabel(f"val MAE of the mean\n{label}")
+    mae.set_ylabel(f"val MAE of the mean\n({label})")
     rates = [r["lr"] for r in history]
-    lr.plot(epochs, rates, color="#6c757d", lw=1.6, **style)
     positive = [v for v in rates if v > 0]
-    if positive and max(positive) / min(positive) > 30:
+    if positive and (max(positive) / min(positive) > 30 or len(positive) < len(rates)):
         # Cosine decay ends at (nearly) zero, which a log axis cannot show: the axis stops four
-        # decades below the peak and those last epochs sit on its bottom edge.
-        lr.set_yscale("log", nonpositive="clip")
-        lr.set_ylim(max(min(positive) / 2, max(positive) * 1e-4), max(positive) * 2)
+        # decades below the peak and those last epochs sit on its bottom edge, marked as such.
+        floor = max(min(positive) / 2, max(positive) * 1e-4)
+        lr.set_yscale("log")
+        lr.set_ylim(floor, max(positive) * 2)
+        lr.plot(epochs, [max(v, floor) for v in rates], color="#6c757d", lw=1.6, **style)
+        if min(rates) < floor:
+            lr.text(0.99, 0.05, f"on the bottom edge: below {floor:.0e} (0 at the end of the decay)", transform=lr.transAxes,
+                    ha="right", va="bottom", fontsize=7, color="0.4")
     else:
+        lr.plot(epochs, rates, color="#6c757d", lw=1.6, **style)
         lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     lr.set_ylabel("learning rate\n(head)")
     lr.set_xlabel("epoch")

@@ -171,7 +171,11 @@ def test_curves_take_a_learning_rate_of_zero():
     history = examples.synthetic_history(30)
     history[-1]["lr"] = 0.0
     fig = curves.curves_figure(history, None, LABEL)
-    assert fig.axes[2].get_yscale() == "log" and fig.axes[2].get_ylim()[0] > 0
+    ax = fig.axes[2]
+    assert ax.get_yscale() == "log" and ax.get_ylim()[0] > 0
+    (line,) = [a for a in ax.lines if a.get_gid() != "best_epoch"]
+    assert line.get_ydata()[-1] == ax.get_ylim()[0]  # the last epoch is drawn, on the bottom edge
+    assert any("bottom edge" in t.get_text() for t in ax.texts)
     assert not by_gid(fig, "best_epoch")
     plt.close(fig)
 
