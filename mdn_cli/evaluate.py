@@ -41,6 +41,8 @@ class Evaluation:
     levels: tuple[float, ...] = DEFAULT_LEVELS
     target: dict = field(default_factory=lambda: {"name": "target", "unit": ""})
     """{"name", "unit"} of what is predicted."""
+    ood_scores: torch.Tensor | None = None
+    """Each image's unfamiliar-image score (above 1: flagged); None without the warning."""
 
     @property
     def targets(self) -> torch.Tensor:
@@ -121,7 +123,7 @@ def score_examples(
             "crps": float(mx.crps(oracle, y).mean()),
         }
     result["target"] = predictor.target
-    return Evaluation(result, kept, m, raw, calibration, levels, predictor.target or {"name": "target", "unit": ""})
+    return Evaluation(result, kept, m, raw, calibration, levels, predictor.target or {"name": "target", "unit": ""}, ood)
 
 
 def oracle_mixture(examples: list[Example], root: Path) -> mx.Mixture | None:
@@ -261,10 +263,13 @@ def _write_predictions(path: Path, evaluation: Evaluation) -> None:
     intervals = {level: evaluation.calibration.interval(m, level) for level in evaluation.levels}
     pit = mx.cdf(m, y)
     keys = [level_key(level) for level in evaluation.levels]
+    ood = evaluation.ood_scores
     with atomic_writer(path, newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["image", evaluation.target["name"], "mean", "std", "median",
-                         *(f"interval_{k}_{end}" for k in keys for end in ("low", "high")), "pit"])
+                         *(f"interval_{k}_{end}" for k in keys for end in ("low", "high")), "pit",
+                         *(["ood_score"] if ood is not None else [])])
         for i, e in enumerate(examples):
             ends = [v for lo, hi in intervals.values() for v in (lo[i], hi[i])]
-            writer.writerow([e.image, e.target, *(f"{float(v):.6g}" for v in (mean[i], std[i], median[i], *ends, pit[i]))])
+            values = (mean[i], std[i], median[i], *ends, pit[i], *([ood[i]] if ood is not None else []))
+            writer.writerow([e.image, e.target, *(f"{float(v):.6g}" for v in values)])

@@ -212,9 +212,12 @@ def cache_directory() -> Path:
 
 def cached_onnx(checkpoint: Path, log: Callable[[str], None] = print) -> Path | None:
     """The checkpoint as an ONNX model for onnxruntime, exported once and kept in the user's cache,
-    named by a hash of the checkpoint's bytes (so a retrained checkpoint is exported again).
-    None when it cannot be exported (the caller then runs PyTorch)."""
-    digest = hashlib.sha256()
+    named by a hash of the checkpoint's bytes, of mdn's code and of torch's version (so a retrained
+    checkpoint, or one predicted by a newer mdn, is exported again). None when it cannot be
+    exported (the caller then runs PyTorch)."""
+    digest = hashlib.sha256(torch.__version__.encode())
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(source.read_bytes())
     with open(checkpoint, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)

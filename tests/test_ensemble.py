@@ -175,6 +175,42 @@ def test_the_threshold_flags_at_most_the_configured_share_of_familiar_images():
     assert bool((far.scores([[-torch.randn(20, 8, generator=g) - 3]]) > 1).all())  # another distribution: all flagged
 
 
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v3_large", "efficientnet_lite0"])
+def test_stage_statistics_are_those_of_the_last_layer_at_each_resolution_on_every_pass(backbone):
+    """Later passes record only the layers the first pass found last at each resolution (speed);
+    the vectors must equal those of a pass that records every layer, residual `+=` included."""
+    from mdn_cli.backbones import get_backbone
+    from mdn_cli.ood import StageStatistics
+
+    torch.manual_seed(0)
+    net = get_backbone(backbone).build(False)[0].eval()
+    stats = StageStatistics(net)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.inference_mode():
+        net(x)
+        first = stats.collect()
+        net(x)
+        planned = stats.collect()
+        for handle in stats.handles:
+            handle.remove()
+        latest = {}  # the definition, independently: statistics taken as each layer runs, the last one kept
+
+        def record(module, inputs, output):
+            if output.ndim == 4 and min(output.shape[-2:]) > 1:
+                latest[tuple(output.shape[-2:])] = torch.cat([output.mean((2, 3)), output.std((2, 3), unbiased=False)], 1)
+
+        for m in net.modules():
+            if not list(m.children()):
+                m.register_forward_hook(record)
+        net(x)
+        reference = [latest[k] for k in sorted(latest, reverse=True)]
+    assert len(first) == len(planned) == len(reference) >= 3
+    for a, b in zip(planned, reference):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(first, reference):
+        torch.testing.assert_close(a, b)
+
+
 def test_threshold_order_statistic_and_too_few_images():
     scores = torch.arange(1.0, 100.0)  # 99 scores
     assert conformal_threshold(scores, 0.99) == 99.0  # ceil(0.99 * 100) = 99: the largest

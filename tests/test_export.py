@@ -72,13 +72,29 @@ def test_predict_with_the_onnx_model_prints_the_checkpoints_json(exported, tmp_p
     from PIL import Image
 
     Image.frombytes("RGB", (40, 40), bytes(range(256)) * 18 + bytes(range(192))).save(noise)
-    a = mdn("predict", *images, noise, "-c", best, "-f", "json", "--levels", "0.5,0.8,0.95")
+    a = mdn("predict", *images, noise, "-c", best, "-f", "json", "--levels", "0.5,0.8,0.95", "--backend", "torch")
     b = mdn("predict", *images, noise, "-c", model_path, "-f", "json", "--levels", "0.5,0.8,0.95")
     assert a.exit_code == b.exit_code == 0, b.output
     pt, ox = json.loads(a.stdout), json.loads(b.stdout)
     assert len(pt) == 11 and "ood_score" in pt[0] and "hdr_80" in pt[0]
     close(ox, pt)
     assert ox[-1]["in_distribution"] is False  # the warning travels with the model
+
+
+def test_backend_auto_exports_once_into_the_cache_and_agrees_with_torch(exported, tmp_path, monkeypatch):
+    best, _, data = exported
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    images = sorted((data / "images").glob("*.png"))[:5]
+    torch_json = json.loads(mdn("predict", *images, "-c", best, "-f", "json", "--backend", "torch").stdout)
+    first = mdn("predict", *images, "-c", best, "-f", "json")
+    assert first.exit_code == 0 and "exporting" in first.stderr
+    assert len(list((tmp_path / "cache" / "mdn-cli" / "onnx").glob("*.onnx"))) == 1
+    close(json.loads(first.stdout), torch_json)
+    again = mdn("predict", *images, "-c", best, "-f", "json")
+    assert again.exit_code == 0 and "exporting" not in again.stderr  # exported once
+    monkeypatch.setattr(torch, "__version__", "99.0")  # another torch (or another mdn) exports again
+    assert "exporting" in mdn("predict", *images, "-c", best, "-f", "json").stderr
+    assert len(list((tmp_path / "cache" / "mdn-cli" / "onnx").glob("*.onnx"))) == 2
 
 
 def test_rebuild_intervals_from_the_outputs_and_metadata_alone(exported):
