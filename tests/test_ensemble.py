@@ -1,5 +1,6 @@
 """Deep ensembles as mixtures, aleatoric and epistemic stds, and the unfamiliar-image warning."""
 
+import csv
 import json
 import math
 import shutil
@@ -157,6 +158,8 @@ def test_noise_and_solid_colours_are_flagged_and_familiar_images_rarely(members,
         assert "⚠" in table and "unlike the images the model was trained on" in table
         metrics = json.loads((checkpoint.parent / "eval" / "metrics.json").read_text())["unfamiliar"]
         assert metrics["quantile"] == 0.9 and metrics["flagged_fraction"] <= 0.3  # ~10% expected of ~60 test images
+        rows = list(csv.DictReader(open(checkpoint.parent / "eval" / "predictions.csv")))
+        assert sum(float(r["ood_score"]) > 1 for r in rows) == metrics["flagged_images"]  # which test images were flagged
 
 
 def test_the_threshold_flags_at_most_the_configured_share_of_familiar_images():

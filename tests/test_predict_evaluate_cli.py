@@ -144,8 +144,7 @@ def test_evaluate_default_test_split_writes_everything(trained, tmp_path):
     rows = list(csv.DictReader(open(out / "predictions.csv")))
     assert len(rows) == n_test and {"weight", "mean", "std", "pit"} <= set(rows[0])  # the target named as in the labels file
     assert all(0.0 <= float(r["pit"]) <= 1.0 for r in rows)
-    flagged = sum(float(r["ood_score"]) > 1 for r in rows)  # which test images the warning flagged
-    assert flagged == metrics["unfamiliar"]["flagged_images"]
+    assert "ood_score" not in rows[0] and "unfamiliar" not in metrics  # ~60 calibration images: too few for the 0.99 warning
     for label in ("NLL", "CRPS", "95% coverage", "95% interval score", "calibration error", "oracle", "by decile of predicted std"):
         assert label in result.stdout
 
