@@ -7,7 +7,8 @@
 Starts `mdn serve CHECKPOINT --port 0` (unless --url), fires N requests at concurrency C (stdlib
 threads and urllib, each request holding --files-per-request photos), reports requests/s,
 images/s, latency percentiles and how many images each forward pass held, stops the server,
-then times mdn_cli.predict.predict_images on the same images (checkpoint load included, as in
+then times mdn_cli.predict.predict_images on the same images with `--backend auto` (onnxruntime
+on CPUs, after its one-time export) and `--backend torch` (checkpoint load included, as in
 `mdn predict`).
 """
 
@@ -162,12 +163,14 @@ def main(argv: list[str] | None = None) -> None:
                  f"max {max(latencies) * 1000:.0f} ms")
     print(line + f"; {passes} forward passes, {batched / max(passes, 1):.1f} images per pass")
 
-    start = time.perf_counter()
-    predictions, _ = predict_images(sent, args.checkpoint, device=args.device, batch_size=args.max_batch,
-                                    on_skip=lambda message: None, progress=False)
-    seconds = time.perf_counter() - start
-    print(f"mdn predict (predict_images, the same {len(sent)} images, checkpoint load included): {seconds:.2f} s, "
-          f"{len(predictions) / seconds:.1f} images/s")
+    quiet = dict(device=args.device, batch_size=args.max_batch, on_skip=lambda message: None, progress=False, log=lambda message: None)
+    predict_images(sent[:1], args.checkpoint, **quiet)  # --backend auto's one-time ONNX export (on CPUs), not timed
+    for backend in ("auto", "torch"):
+        start = time.perf_counter()
+        predictions, _ = predict_images(sent, args.checkpoint, backend=backend, **quiet)
+        seconds = time.perf_counter() - start
+        print(f"mdn predict --backend {backend} (predict_images, the same {len(sent)} images, checkpoint load included): "
+              f"{seconds:.2f} s, {len(predictions) / seconds:.1f} images/s")
 
 
 if __name__ == "__main__":

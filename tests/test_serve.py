@@ -306,7 +306,7 @@ def test_load_test_script_runs_mdn_serve_and_reports(checkpoint, images, tmp_pat
     load_script("load_test").main([str(checkpoint), str(folder), "--quick", "--device", "cpu"])
     out = capsys.readouterr().out
     assert "0 failed" in out
-    for words in ("requests/s", "images/s", "p50", "p95", "forward passes", "mdn predict"):
+    for words in ("requests/s", "images/s", "p50", "p95", "forward passes", "mdn predict --backend auto", "mdn predict --backend torch"):
         assert words in out, out
 
 
