@@ -13,7 +13,7 @@ calibrated.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +22,9 @@ from PIL import Image
 
 from .calibration import DEFAULT_LEVELS
 from .images import decode_square, square
+from .export import OnnxPredictor
 from .inference import Predictor
-from .predict import records
+from .predict import onnx_export_for, records, summarize
 from .runtime import Runtime, select_runtime
 
 ImageLike = str | Path | bytes | Image.Image | np.ndarray | torch.Tensor
@@ -32,15 +33,24 @@ ImageLike = str | Path | bytes | Image.Image | np.ndarray | torch.Tensor
 class Model:
     """A trained model on a device, ready to predict."""
 
-    def __init__(self, predictor: Predictor, runtime: Runtime, checkpoint: Path):
-        self.predictor, self.runtime, self.checkpoint = predictor, runtime, checkpoint
+    def __init__(self, predictor: Predictor, runtime: Runtime, checkpoint: Path, onnx: OnnxPredictor | None = None):
+        self.predictor, self.runtime, self.checkpoint, self.onnx = predictor, runtime, checkpoint, onnx
 
     @classmethod
-    def load(cls, checkpoint: str | Path, device: str = "auto", precision: str = "fp32") -> Model:
-        """Load a checkpoint (best.pt, or an ensemble). Raises mdn_cli.errors.CheckpointError."""
+    def load(cls, checkpoint: str | Path, device: str = "auto", precision: str = "fp32", backend: str = "auto",
+             log: Callable[[str], None] = lambda message: None) -> Model:
+        """Load a checkpoint (best.pt, or an ensemble). `backend` as `mdn predict --backend`: auto
+        runs onnxruntime in fp32 on a CPU where it is installed (its export is cached once), else
+        PyTorch. Raises mdn_cli.errors.CheckpointError."""
         runtime = select_runtime(device, precision, what="precision")
         predictor, _ = Predictor.from_checkpoint(checkpoint, runtime)
-        return cls(predictor, runtime, Path(checkpoint))
+        exported = onnx_export_for(Path(checkpoint), backend, device, precision, log)
+        return cls(predictor, runtime, Path(checkpoint), OnnxPredictor(exported) if exported is not None else None)
+
+    @property
+    def backend(self) -> str:
+        """What runs the network: "onnxruntime" or "torch"."""
+        return "onnxruntime" if self.onnx is not None else "torch"
 
     @property
     def image_size(self) -> int:
@@ -65,6 +75,9 @@ class Model:
 
     def predict_prepared(self, batch: torch.Tensor, levels: Sequence[float] = DEFAULT_LEVELS) -> list[dict]:
         """Records for a batch of prepared images, uint8 (N, 3, S, S)."""
+        if self.onnx is not None:
+            m, ood = self.onnx.predict_batch(batch)
+            return summarize(m, self.onnx.calibration, tuple(levels), self.onnx.member_sizes, ood)
         return records(self.predictor, self.predictor.predict_batch(batch, self.runtime), tuple(levels))
 
     def predict(self, images: Sequence[ImageLike], levels: Sequence[float] = DEFAULT_LEVELS, batch_size: int = 32) -> list[dict]:
@@ -81,6 +94,7 @@ class Model:
         p = self.predictor
         return {
             "checkpoint": str(self.checkpoint),
+            "backend": self.backend,
             "members": [{"backbone": m.model.args.backbone, "components": m.model.args.components,
                          "image_size": m.model.args.image_size} for m in p.members],
             "image_size": p.image_size,

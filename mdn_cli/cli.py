@@ -115,6 +115,11 @@ Levels = Annotated[
     str | None,
     typer.Option("--levels", metavar="LEVELS", help="Central interval levels, comma-separated (default: 0.6827,0.95)."),
 ]
+Backend = Annotated[
+    Literal["auto", "torch", "onnxruntime"],
+    typer.Option("--backend", help="auto: onnxruntime for fp32 on a CPU when it is installed (about 3x faster there; the "
+                 "checkpoint is exported once into ~/.cache/mdn-cli), PyTorch otherwise."),
+]
 
 
 @app.command(cls=Command, epilog="""**Examples**
@@ -256,11 +261,7 @@ def predict(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, metavar="N", help="Images per forward pass.")] = 32,
     levels: Levels = None,
     precision: Precision = "fp32",
-    backend: Annotated[
-        Literal["auto", "torch", "onnxruntime"],
-        typer.Option("--backend", help="auto: onnxruntime for fp32 on a CPU when it is installed (about 3x faster there; the "
-                     "checkpoint is exported once into ~/.cache/mdn-cli), PyTorch otherwise."),
-    ] = "auto",
+    backend: Backend = "auto",
 ) -> None:
     """Predict a distribution for each image.
 
@@ -413,6 +414,7 @@ def serve(
     ] = 10.0,
     max_files: Annotated[int, typer.Option("--max-files", min=1, metavar="N", help="Most files in one request.")] = 16,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, metavar="MB", help="Most megabytes in one request.")] = 20.0,
+    backend: Backend = "auto",
 ) -> None:
     """Serve predictions over HTTP, with a web page.
 
@@ -430,7 +432,7 @@ def serve(
         from .serve import serve as run_server
 
         settings = ServeSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, max_files=max_files, max_upload_mb=max_upload_mb)
-        run_server(checkpoint, host, port, device, settings, log=lambda message: typer.echo(message, err=True))
+        run_server(checkpoint, host, port, device, settings, log=lambda message: typer.echo(message, err=True), backend=backend)
     except MdnError as e:
         raise fail(str(e), e.exit_code) from None
 

@@ -174,6 +174,17 @@ class OnnxPredictor:
         self.calibration = Calibration.from_state({**c, "pit": torch.tensor(c["pit"], dtype=torch.float64),
                                                    "hdr_score": torch.tensor(c["hdr_score"], dtype=torch.float64)})
 
+    def _outputs(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.from_numpy(o).double() for o in self.session.run(None, {"images": images.numpy()})]
+
+    def _mixture(self, outputs: list[torch.Tensor]) -> tuple[Mixture, torch.Tensor | None]:
+        weights, means, stds, *ood = outputs
+        return Mixture(weights, means, stds, self.transform), (ood[0] if ood else None)
+
+    def predict_batch(self, images: torch.Tensor) -> tuple[Mixture, torch.Tensor | None]:
+        """Prepared uint8 images (N, 3, S, S) -> their calibrated mixtures and ood scores."""
+        return self._mixture(self._outputs(images))
+
     def run(self, batches, on_skip: Callable[[str], None]) -> tuple[Mixture | None, torch.Tensor | None, torch.Tensor]:
         """Batches of prepared uint8 images (N, 3, S, S) -> the calibrated mixtures, the ood scores
         and the index of each row in the list of images."""
@@ -183,13 +194,11 @@ class OnnxPredictor:
             for message in batch.skipped:
                 on_skip(message)
             if batch.images.shape[0]:
-                parts.append([torch.from_numpy(o).double() for o in self.session.run(None, {"images": batch.images.numpy()})])
+                parts.append(self._outputs(batch.images))
                 indices.append(batch.indices)
         if not parts:
             return None, None, torch.empty(0, dtype=torch.int64)
-        weights, means, stds, *ood = (torch.cat(column) for column in zip(*parts))
-        m = Mixture(weights, means, stds, self.transform)
-        return m, (ood[0] if ood else None), torch.cat(indices)
+        return *self._mixture([torch.cat(column) for column in zip(*parts)]), torch.cat(indices)
 
 
 def is_onnx(path: Path) -> bool:

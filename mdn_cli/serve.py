@@ -404,18 +404,18 @@ def in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[
 
 
 def serve(checkpoint: Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
-          settings: ServeSettings = ServeSettings(), log: Callable[[str], None] = print) -> None:
+          settings: ServeSettings = ServeSettings(), log: Callable[[str], None] = print, backend: str = "auto") -> None:
     """Load the checkpoint and serve until Ctrl-C (or SIGTERM). Raises MdnError subclasses
     (address in use, unreadable checkpoint) before anything is served."""
     import uvicorn
 
     sock = bind(host, port)
     try:
-        model = Model.load(checkpoint, device)
+        model = Model.load(checkpoint, device, backend=backend, log=log)
         app = create_app(model, settings)
         d = model.describe()
         members = " + ".join(f"{m['backbone']} ({m['components']} components)" for m in d["members"])
-        log(f"serving {checkpoint} ({members}, {model.runtime.device}) "
+        log(f"serving {checkpoint} ({members}, {model.runtime.device}, {model.backend}) "
             f"at {url_of(sock)}  (Ctrl-C to stop)")
         uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_keep_alive=30)).run(sockets=[sock])
     finally:

@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     passes = after["forward_passes"] - before["forward_passes"]
     batched = after["images"] - before["images"]
     print(f"server: {url} ({'started here' if server else 'given'}; {' + '.join(m['backbone'] for m in described['members'])}, {described['image_size']} px, "
-          f"max batch {after['max_batch']}, max wait {after['max_wait_ms']:g} ms)")
+          f"{described.get('backend', 'torch')}, max batch {after['max_batch']}, max wait {after['max_wait_ms']:g} ms)")
     print(f"images: {len(paths)} files from {args.images}, {k} per request")
     line = (f"mdn serve: {args.requests} requests ({failed} failed) at concurrency {args.concurrency} in {wall:.2f} s: "
             f"{args.requests / wall:.1f} requests/s, {images_done / wall:.1f} images/s")

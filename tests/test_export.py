@@ -132,11 +132,17 @@ def test_the_server_agrees_with_both(exported):
 
     best, model_path, data = exported
     image = sorted((data / "images").glob("*.png"))[5]
-    with TestClient(create_app(Model.load(best, "cpu"))) as client:
-        served = client.post("/predict", files=[("file", (image.name, image.read_bytes(), "image/png"))]).json()
     from_onnx = json.loads(mdn("predict", image, "-c", model_path, "-f", "json").stdout)
-    served[0]["image"] = from_onnx[0]["image"]
-    close(served, from_onnx)
+    from_torch = json.loads(mdn("predict", image, "-c", best, "-f", "json", "--backend", "torch").stdout)
+    for backend in ("torch", "onnxruntime"):  # `mdn serve --backend`; auto picks onnxruntime on this CPU
+        model = Model.load(best, "cpu", backend=backend)
+        assert model.backend == backend and model.describe()["backend"] == backend
+        with TestClient(create_app(model)) as client:
+            served = client.post("/predict", files=[("file", (image.name, image.read_bytes(), "image/png"))]).json()
+        served[0]["image"] = from_onnx[0]["image"]
+        close(served, from_onnx)
+        close(served, from_torch)
+    assert Model.load(best, "cpu").backend == "onnxruntime"
     assert httpx
 
 
