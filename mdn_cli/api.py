@@ -13,6 +13,7 @@ calibrated.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -24,17 +25,18 @@ from .calibration import DEFAULT_LEVELS
 from .images import decode_square, square
 from .export import OnnxPredictor
 from .inference import Predictor
-from .predict import onnx_export_for, records, summarize
+from .predict import onnx_predictor_for, records, summarize
 from .runtime import Runtime, select_runtime
 
 ImageLike = str | Path | bytes | Image.Image | np.ndarray | torch.Tensor
 
 
 class Model:
-    """A trained model on a device, ready to predict."""
+    """A trained model on a device, ready to predict. Safe to share between threads."""
 
     def __init__(self, predictor: Predictor, runtime: Runtime, checkpoint: Path, onnx: OnnxPredictor | None = None):
         self.predictor, self.runtime, self.checkpoint, self.onnx = predictor, runtime, checkpoint, onnx
+        self._lock = threading.Lock()  # PyTorch forward passes one at a time (the warning's recorders hold per-pass state)
 
     @classmethod
     def load(cls, checkpoint: str | Path, device: str = "auto", precision: str = "fp32", backend: str = "auto",
@@ -44,8 +46,7 @@ class Model:
         PyTorch. Raises mdn_cli.errors.CheckpointError."""
         runtime = select_runtime(device, precision, what="precision")
         predictor, _ = Predictor.from_checkpoint(checkpoint, runtime)
-        exported = onnx_export_for(Path(checkpoint), backend, device, precision, log)
-        return cls(predictor, runtime, Path(checkpoint), OnnxPredictor(exported) if exported is not None else None)
+        return cls(predictor, runtime, Path(checkpoint), onnx_predictor_for(Path(checkpoint), backend, device, precision, log))
 
     @property
     def backend(self) -> str:
@@ -78,7 +79,9 @@ class Model:
         if self.onnx is not None:
             m, ood = self.onnx.predict_batch(batch)
             return summarize(m, self.onnx.calibration, tuple(levels), self.onnx.member_sizes, ood)
-        return records(self.predictor, self.predictor.predict_batch(batch, self.runtime), tuple(levels))
+        with self._lock:
+            predictions = self.predictor.predict_batch(batch, self.runtime)
+        return records(self.predictor, predictions, tuple(levels))
 
     def predict(self, images: Sequence[ImageLike], levels: Sequence[float] = DEFAULT_LEVELS, batch_size: int = 32) -> list[dict]:
         """One record per image, in order."""

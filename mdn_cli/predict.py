@@ -33,14 +33,21 @@ FORMATS = ("table", "json", "csv")
 BACKENDS = ("auto", "torch", "onnxruntime")
 
 
-def onnx_export_for(checkpoint: Path, backend: str, device: str, precision: str, log: Callable[[str], None]) -> Path | None:
-    """The ONNX export to run a .pt checkpoint with: for backend onnxruntime, or auto in fp32 on a
-    CPU where onnxruntime is installed (2-3x faster there than PyTorch), its cached export
-    (`export.cached_onnx`); None for PyTorch."""
+def onnx_predictor_for(checkpoint: Path, backend: str, device: str, precision: str,
+                       log: Callable[[str], None]) -> OnnxPredictor | None:
+    """How to run a model file: an .onnx on onnxruntime; a .pt checkpoint on onnxruntime (its
+    cached export, `export.cached_onnx`) for backend onnxruntime, or for auto in fp32 on a CPU
+    where onnxruntime is installed (faster there than PyTorch); None: PyTorch."""
     if backend not in BACKENDS:
         raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
-    if backend == "onnxruntime" and not onnxruntime_available():
-        raise ConfigError(f"--backend onnxruntime: {ONNX_HELP}")
+    if is_onnx(checkpoint):
+        return OnnxPredictor(checkpoint)
+    if backend == "onnxruntime":
+        if not onnxruntime_available():
+            raise ConfigError(f"--backend onnxruntime: {ONNX_HELP}")
+        if device not in ("auto", "cpu") or precision != "fp32":
+            raise ConfigError(f"--backend onnxruntime runs fp32 on the CPU (got --device {device}, --precision {precision}); "
+                              "use --backend torch for another device or precision")
     cpu = select_device(device, "--device").type == "cpu" and precision == "fp32"
     if backend == "onnxruntime" or (backend == "auto" and cpu and onnxruntime_available()):
         return cached_onnx(checkpoint, log)
@@ -170,12 +177,10 @@ def predict_images(
 ) -> tuple[list[Prediction], mx.Mixture | None]:
     """Batched inference over `images` with a checkpoint (.pt) or an exported model (.onnx);
     unreadable images are reported through `on_skip`. `backend`: torch, onnxruntime, or auto:
-    onnxruntime for fp32 on a CPU when it is installed (about 3x faster there than PyTorch),
-    PyTorch otherwise."""
-    if not is_onnx(checkpoint):
-        checkpoint = onnx_export_for(checkpoint, backend, device, precision, log) or checkpoint
-    if is_onnx(checkpoint):
-        model = OnnxPredictor(checkpoint)
+    onnxruntime for fp32 on a CPU when it is installed (faster there than PyTorch), PyTorch
+    otherwise."""
+    model = onnx_predictor_for(checkpoint, backend, device, precision, log)
+    if model is not None:
         dataset = ImageRegressionDataset(images, [math.nan] * len(images), model.image_size)
         loader = make_loader(dataset, batch_size, 0 if len(images) <= batch_size else resolve_num_workers(num_workers))
         m, ood, indices = model.run(loader, on_skip)

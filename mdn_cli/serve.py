@@ -415,7 +415,8 @@ def serve(checkpoint: Path, host: str = "127.0.0.1", port: int = 8000, device: s
         app = create_app(model, settings)
         d = model.describe()
         members = " + ".join(f"{m['backbone']} ({m['components']} components)" for m in d["members"])
-        log(f"serving {checkpoint} ({members}, {model.runtime.device}, {model.backend}) "
+        device = "cpu" if model.onnx is not None else model.runtime.device
+        log(f"serving {checkpoint} ({members}, {device}, {model.backend}) "
             f"at {url_of(sock)}  (Ctrl-C to stop)")
         uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_keep_alive=30)).run(sockets=[sock])
     finally:

@@ -63,14 +63,18 @@ def write_config(path: Path, data_root: Path, out_dir: Path, **sections) -> Path
 def train_until(config: Path, marker: Path, signum: int = signal.SIGINT, poll: float = 0.05) -> tuple[int, str]:
     """Run `mdn train CONFIG` in a real process, send it `signum` (SIGKILL included) once `marker`
     exists (or at once if the process ends first, or after 300 s); returns its exit code and stderr."""
-    proc = subprocess.Popen([sys.executable, "-m", "mdn_cli", "train", str(config)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(poll)
-    proc.send_signal(signum)
-    _, err = proc.communicate(timeout=120)
-    return proc.returncode, err
+    with tempfile.TemporaryFile("w+") as stderr:  # a file, not a pipe: progress bars never fill it and block the run
+        proc = subprocess.Popen([sys.executable, "-m", "mdn_cli", "train", str(config)], stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            deadline = time.monotonic() + 300
+            while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(poll)
+            proc.send_signal(signum)
+            proc.wait(timeout=120)
+        finally:
+            proc.kill()  # a no-op once it ended
+        stderr.seek(0)
+        return proc.returncode, stderr.read()
 
 
 @pytest.fixture

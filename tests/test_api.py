@@ -52,3 +52,34 @@ def test_api_errors_are_typed(best, tmp_path):
         model.prepare(b"not an image", name="upload.png")
     with pytest.raises(ValueError, match="uint8"):
         model.prepare(np.zeros((8, 8, 3), dtype=np.float32))
+
+
+def test_one_model_shared_by_threads_gives_the_answers_of_one_thread(tmp_path, toy_data):
+    """The PyTorch path keeps per-pass state (the warning's layer statistics): concurrent calls,
+    from the very first, must not mix it up."""
+    import threading
+
+    from conftest import write_config
+
+    config = write_config(tmp_path / "c.yaml", toy_data, tmp_path / "runs", train={"epochs": 1, "batch_size": 8, "ood_quantile": 0.8})
+    assert CliRunner().invoke(app, ["train", str(config)]).exit_code == 0
+    best = tmp_path / "runs" / "tiny" / "best.pt"
+    paths = [toy_data / "images" / f"0000{i}.png" for i in range(8)]
+    expected = Model.load(best, device="cpu", backend="torch").predict(paths)
+    model = Model.load(best, device="cpu", backend="torch")
+    results: dict[int, list] = {}
+    start = threading.Barrier(4)
+
+    def work(i):
+        start.wait()
+        results[i] = [model.predict(paths[j : j + 1])[0] for j in range(len(paths))]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(results) == [0, 1, 2, 3]
+    for got in results.values():
+        for a, b in zip(got, expected):
+            assert a["ood_score"] == pytest.approx(b["ood_score"], rel=1e-5) and a["mean"] == pytest.approx(b["mean"], rel=1e-5)

@@ -92,9 +92,36 @@ def test_backend_auto_exports_once_into_the_cache_and_agrees_with_torch(exported
     close(json.loads(first.stdout), torch_json)
     again = mdn("predict", *images, "-c", best, "-f", "json")
     assert again.exit_code == 0 and "exporting" not in again.stderr  # exported once
-    monkeypatch.setattr(torch, "__version__", "99.0")  # another torch (or another mdn) exports again
+    import importlib.metadata
+
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "99.0" if name == "torch" else real_version(name))
+    # another torch (or another mdn, onnxruntime, torchvision...) exports again
     assert "exporting" in mdn("predict", *images, "-c", best, "-f", "json").stderr
     assert len(list((tmp_path / "cache" / "mdn-cli" / "onnx").glob("*.onnx"))) == 2
+
+
+def test_a_damaged_cached_export_is_exported_again(exported, tmp_path, monkeypatch):
+    from mdn_cli.export import _cache_key
+
+    best, _, data = exported
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    image = sorted((data / "images").glob("*.png"))[0]
+    first = mdn("predict", image, "-c", best, "-f", "json")
+    cached = tmp_path / "cache" / "mdn-cli" / "onnx" / f"{_cache_key(best)}.onnx"
+    assert first.exit_code == 0 and cached.is_file()
+    cached.write_bytes(cached.read_bytes()[:1000])  # a disk that filled up, a crash mid-copy
+    again = mdn("predict", image, "-c", best, "-f", "json")
+    assert again.exit_code == 0 and "damaged; exporting again" in again.stderr, again.output
+    close(json.loads(again.stdout), json.loads(first.stdout))
+
+
+def test_onnxruntime_on_another_device_is_refused(exported):
+    best, _, data = exported
+    image = sorted((data / "images").glob("*.png"))[0]
+    for args in (("--device", "cuda"), ("--precision", "bf16")):
+        result = mdn("predict", image, "-c", best, "--backend", "onnxruntime", *args)
+        assert result.exit_code == 2 and "--backend onnxruntime runs fp32 on the CPU" in result.output, result.output
 
 
 def test_rebuild_intervals_from_the_outputs_and_metadata_alone(exported):
@@ -124,7 +151,7 @@ def test_rebuild_intervals_from_the_outputs_and_metadata_alone(exported):
 
 
 def test_the_server_agrees_with_both(exported):
-    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("httpx", reason="the server test needs httpx (the dev extra)")
     from fastapi.testclient import TestClient
 
     from mdn_cli.api import Model
@@ -143,7 +170,6 @@ def test_the_server_agrees_with_both(exported):
         close(served, from_onnx)
         close(served, from_torch)
     assert Model.load(best, "cpu").backend == "onnxruntime"
-    assert httpx
 
 
 def test_export_errors(exported, tmp_path):

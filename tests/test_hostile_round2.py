@@ -190,6 +190,23 @@ def test_ctrl_c_inside_a_block_of_writes_is_delivered_after_it():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler in force before is back
 
 
+def test_sigterm_and_ctrl_c_both_held_are_both_delivered():
+    from mdn_cli.files import interrupts_held
+
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append("TERM"))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+                assert seen == []  # held
+        assert seen == ["TERM"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_ctrl_c_while_an_epoch_is_saved_keeps_the_whole_epoch(tmp_path, toy_data, monkeypatch):
     """Ctrl-C during torch.save used to tear the write (a RuntimeError traceback from the zip
     writer, exit 1) or lose the epoch; now the epoch's files are finished, then the run stops."""
