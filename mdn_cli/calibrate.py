@@ -1,7 +1,8 @@
 """Fit a checkpoint's post-hoc steps on held-out images: after training, and for ensembles.
 
     feature bank   features of up to 2048 train images per member (the unfamiliar-image score)
-    std scale      on the val split, which already chose the epoch (shapes the model)
+    std scale      on the val split, which already chose the epoch (shapes the model), and the
+                   scales of the unfamiliar-image score's distances
     conformal      interval levels and the unfamiliar-image threshold, on the calibration split,
                    which nothing else has touched (carries the guarantees)
 
@@ -52,8 +53,8 @@ def calibrate_checkpoint(
         log(f"feature bank of {len(chosen)} train images for the unfamiliar-image warning")
 
     result = Calibration()
+    val = run(splits["val"]) if method != "none" or ood_quantile is not None else None
     if method != "none":
-        val = run(splits["val"])
         if len(val.targets) == 0:
             raise DataError("no val image could be read: the std scale cannot be fitted")
         fit = fit_sigma_scale(predictor.mixture(val, calibrated=False), val.targets)
@@ -80,7 +81,10 @@ def calibrate_checkpoint(
                 log(f"warning: {result.describe()['warning']}")
         if ood_quantile is not None:
             banks = [member.bank for member in predictor.members]
-            unfamiliar = UnfamiliarImages.fit(banks, cal.features, ood_quantile)  # type: ignore[arg-type]
+            scaling = val.features if len(val.targets) else cal.features  # val: never the threshold's own images
+            if not len(val.targets):
+                log("note: no val image could be read, so the unfamiliar-image scales are fitted on the calibration images")
+            unfamiliar = UnfamiliarImages.fit(banks, scaling, cal.features, ood_quantile)  # type: ignore[arg-type]
             if unfamiliar.threshold == float("inf"):
                 log(f"warning: {len(cal.targets)} calibration images are too few for an unfamiliar-image threshold at "
                     f"{ood_quantile} (needs at least {images_needed(ood_quantile)}): predictions carry no such warning")
@@ -96,6 +100,6 @@ def calibrate_checkpoint(
     if unfamiliar is not None:
         ckpt["unfamiliar"] = unfamiliar.state()
         for state, bank in zip(ckpt["members"] if ckpt.get("kind") == "ensemble" else [ckpt], unfamiliar.members):
-            state["feature_bank"] = bank.state()  # with the scales fitted on the calibration images
+            state["feature_bank"] = bank.state()  # with the scales fitted on the val images
     save_checkpoint(ckpt, path)
     return result

@@ -141,12 +141,23 @@ class Calibration:
         """The reported central interval at `level` for every row of `m` (the scaled mixture), in
         target units: (low (N,), high (N,)); an unbounded end is -inf / +inf (0 under log)."""
         lo, hi = self.interval_probs(level)
-        inner = [p for p in (lo, hi) if 0.0 < p < 1.0]
-        q = mx.quantile(m, inner) if inner else torch.empty(len(m), 0, dtype=torch.float64)
+        inner = sorted({p for p in (lo, hi) if 0.0 < p < 1.0})
+        quantiles = dict(zip(inner, mx.quantile(m, inner).unbind(1))) if inner else {}
         floor = 0.0 if m.transform == "log" else -math.inf
-        low = q[:, 0] if 0.0 < lo else torch.full((len(m),), floor, dtype=torch.float64)
-        high = q[:, -1] if hi < 1.0 else torch.full((len(m),), math.inf, dtype=torch.float64)
-        return low, high
+
+        def end(p: float) -> torch.Tensor:  # each end on its own: calibration PITs can be exactly 0 or 1
+            if 0.0 < p < 1.0:
+                return quantiles[p]
+            return torch.full((len(m),), floor if p <= 0.0 else math.inf, dtype=torch.float64)
+
+        return end(lo), end(hi)
+
+    def too_few_images(self, level: float) -> bool:
+        """Whether `level` needs more calibration images than there are for finite ends."""
+        if self.method != "conformal":
+            return False
+        j, k = conformal_ranks(self.n_images, level)
+        return j < 1 or k > self.n_images
 
     def hdr_level(self, level: float) -> float:
         """Mass of the mixture's highest-density region reported at `level` (1.0: the whole support)."""
@@ -172,7 +183,7 @@ class Calibration:
         if self.method == "conformal":
             out["guarantee"] = (f"split conformal on {self.n_images} calibration images: each interval covers at least its "
                                 "level of new images like them (on average over images, not for each one)")
-            short = [lvl for lvl in levels if self.interval_probs(lvl)[0] == 0.0 or self.interval_probs(lvl)[1] == 1.0]
+            short = [lvl for lvl in levels if self.too_few_images(lvl)]
             if short:
                 out["warning"] = "; ".join(
                     f"{lvl:.4g} needs at least {images_needed(lvl)} calibration images for finite ends" for lvl in short

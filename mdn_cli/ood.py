@@ -8,12 +8,12 @@ the stage statistics 100%.
 
 Score (kNN, Sun et al. 2022): for each of these vectors, the distance from the image's
 L2-normalised vector to its k-th nearest neighbour among those of up to BANK_SIZE training images,
-divided by the median of that distance over the calibration images; the score is the mean over
-the vectors (and, for an ensemble, over the members).
+divided by the median of that distance over the val images; the score is the mean over the
+vectors (and, for an ensemble, over the members).
 
 Threshold (conformal, like the intervals): the ceil((n+1) q)-th smallest score of the n
-calibration images, which the bank does not contain. A new image exchangeable with them scores
-above it with probability at most 1 - q (q = train.ood_quantile, 0.99 by default).
+calibration images, which neither the bank nor the scales saw. A new image exchangeable with them
+scores above it with probability at most 1 - q (q = train.ood_quantile, 0.99 by default).
 Reported: ood_score = score / threshold; above 1 means flagged.
 """
 
@@ -79,7 +79,7 @@ def normalise(features: torch.Tensor) -> torch.Tensor:
 @dataclass
 class FeatureBank:
     """One member's training vectors: per vector kind (penultimate features, then each stage),
-    up to BANK_SIZE unit rows, and the calibration median distance that scales it."""
+    up to BANK_SIZE unit rows, and the val median distance that scales it."""
 
     vectors: list[torch.Tensor]
     """Per kind (B, D_j) float32, unit rows."""
@@ -169,10 +169,12 @@ class UnfamiliarImages:
         return cls(banks, threshold, float(state["quantile"]), int(state["n_images"]))
 
     @classmethod
-    def fit(cls, banks: list[FeatureBank], calibration: list[list[torch.Tensor]], quantile: float) -> UnfamiliarImages:
-        """Scale each bank by its calibration median distances, then set the threshold on the
-        calibration images' mean distance."""
-        for bank, vectors in zip(banks, calibration):
+    def fit(cls, banks: list[FeatureBank], scaling: list[list[torch.Tensor]], calibration: list[list[torch.Tensor]],
+            quantile: float) -> UnfamiliarImages:
+        """Scale each bank by the median distances of the `scaling` images (the val split), then set
+        the threshold on the `calibration` images' scores: the threshold's images fit nothing else,
+        so the share of new images flagged keeps its guarantee."""
+        for bank, vectors in zip(banks, scaling):
             bank.scales = [1.0] * len(bank.vectors)
             per_kind = [FeatureBank([v], [1.0], bank.k).distances([x]) for v, x in zip(bank.vectors, vectors)]
             bank.scales = [max(float(d.median()), 1e-12) for d in per_kind]

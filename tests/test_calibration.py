@@ -104,6 +104,22 @@ def test_interval_probs_are_the_chosen_order_statistics():
     assert "0.95 needs at least 39 calibration images" in described["warning"]
 
 
+def test_calibration_pits_of_exactly_0_or_1_give_unbounded_ends_not_a_crash():
+    """A badly overconfident model (or drift) puts calibration targets 9 stds away: their PITs round
+    to exactly 1.0 (or 0.0). The chosen order statistics can then both be 1.0."""
+    m = mx.Mixture(torch.ones(2, 1), torch.zeros(2, 1), torch.ones(2, 1))
+    high = Calibration("conformal", 1.0, 0, torch.tensor([0.2, 0.4] + [1.0] * 17, dtype=torch.float64))  # n = 19: j = 3, k = 17
+    lo, hi = high.interval(m, 0.6827)
+    assert lo.tolist() == [math.inf, math.inf] and hi.tolist() == [math.inf, math.inf]
+    assert "warning" not in high.describe((0.6827,))  # 19 images are enough for 68%: no "needs more images"
+    low = Calibration("conformal", 1.0, 0, torch.tensor([0.0] * 17 + [0.6, 0.8], dtype=torch.float64))
+    lo, hi = low.interval(m, 0.6827)
+    assert lo.tolist() == [-math.inf, -math.inf] and hi.tolist() == [-math.inf, -math.inf]
+    mixed = Calibration("conformal", 1.0, 0, torch.tensor([0.0] * 3 + [0.5] * 13 + [1.0] * 3, dtype=torch.float64))
+    lo, hi = mixed.interval(m, 0.6827)  # lower end unbounded below, upper end unbounded above
+    assert lo.tolist() == [-math.inf, -math.inf] and hi.tolist() == [math.inf, math.inf]
+
+
 # --- the guarantee, by simulation ---------------------------------------------------------------
 
 

@@ -162,6 +162,27 @@ def test_noise_and_solid_colours_are_flagged_and_familiar_images_rarely(members,
         assert sum(float(r["ood_score"]) > 1 for r in rows) == metrics["flagged_images"]  # which test images were flagged
 
 
+def test_the_warnings_scales_come_from_val_and_its_threshold_from_calibration(members):
+    """The images that set the threshold fit nothing else (the scales of the distances are fitted on val)."""
+    from mdn_cli.inference import Predictor
+
+    tmp, data, _ = members
+    best = tmp / "runs/tiny-1/best.pt"
+    predictor, _ = Predictor.from_checkpoint(best, CPU)
+    rows = list(csv.DictReader(open(best.parent / "splits.csv")))
+    features = {split: predictor.run([data / r["image"] for r in rows if r["split"] == split], CPU, num_workers=0).features[0]
+                for split in ("val", "calibration")}
+    bank = predictor.members[0].bank
+
+    def medians(vectors):
+        return [float(FeatureBank([b], [1.0], bank.k).distances([x]).median()) for b, x in zip(bank.vectors, vectors)]
+
+    assert bank.scales == pytest.approx(medians(features["val"]), rel=1e-4)
+    assert bank.scales != pytest.approx(medians(features["calibration"]), rel=1e-4)
+    scores = torch.stack([bank.distances(features["calibration"])]).mean(0)
+    assert predictor.unfamiliar.threshold == pytest.approx(conformal_threshold(scores, 0.9), rel=1e-4)
+
+
 def test_the_threshold_flags_at_most_the_configured_share_of_familiar_images():
     """Conformal, like the intervals: over many draws of bank, calibration and new images from one
     distribution, the share of new images flagged is at most 1 - q (and above 1 - q - 1/(n+1))."""
@@ -169,12 +190,13 @@ def test_the_threshold_flags_at_most_the_configured_share_of_familiar_images():
     n, q, trials, flagged = 49, 0.9, 400, 0.0
     for _ in range(trials):
         bank = FeatureBank.of([torch.randn(200, 8, generator=g) + 3])
-        cal, new = torch.randn(n, 8, generator=g) + 3, torch.randn(50, 8, generator=g) + 3
-        model = UnfamiliarImages.fit([bank], [[cal]], q)
+        val, cal, new = (torch.randn(m, 8, generator=g) + 3 for m in (40, n, 50))
+        model = UnfamiliarImages.fit([bank], [[val]], [[cal]], q)
         flagged += float((model.scores([[new]]) > 1).double().mean()) / trials
     slack = 4 * math.sqrt(q * (1 - q) / (trials * 50)) + 0.01  # the new images of one draw share its threshold
     assert 1 - q - 1 / (n + 1) - slack <= flagged <= 1 - q + slack
-    far = UnfamiliarImages.fit([FeatureBank.of([torch.randn(200, 8, generator=g) + 3])], [[torch.randn(n, 8, generator=g) + 3]], q)
+    far = UnfamiliarImages.fit([FeatureBank.of([torch.randn(200, 8, generator=g) + 3])], [[torch.randn(40, 8, generator=g) + 3]],
+                               [[torch.randn(n, 8, generator=g) + 3]], q)
     assert bool((far.scores([[-torch.randn(20, 8, generator=g) - 3]]) > 1).all())  # another distribution: all flagged
 
 
