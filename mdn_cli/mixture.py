@@ -16,9 +16,6 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-P68 = (0.158655, 0.841345)  # the central 68.27% interval (mean +/- 1 sigma of a Gaussian), as probabilities
-P95 = (0.025, 0.975)
-
 TRANSFORMS = ("none", "log")
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -180,10 +177,7 @@ def median(m: Mixture) -> Tensor:
 
 
 def interval(m: Mixture, level: float) -> tuple[Tensor, Tensor]:
-    """Central interval holding probability `level`: (lower (N,), upper (N,)) = q((1-level)/2), q((1+level)/2).
-
-    For the exact 1-sigma-equivalent or 95% intervals, `quantile(m, P68)` / `quantile(m, P95)`.
-    """
+    """Central interval holding probability `level`: (lower (N,), upper (N,)) = q((1-level)/2), q((1+level)/2)."""
     if not 0.0 < level < 1.0:
         raise ValueError(f"interval level must lie strictly between 0 and 1, got {level}")
     q = quantile(m, ((1.0 - level) / 2.0, (1.0 + level) / 2.0))
