@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError
+from .errors import DataError, WriteError
 from .files import atomic_writer
 from .images import decode_square
 
@@ -81,7 +81,7 @@ class DecodedCache:
         try:
             with atomic_writer(file, "wb", durable=False) as f:
                 f.write(image.numpy().tobytes())
-        except OSError:  # a full cache folder only costs speed
+        except WriteError:  # a full cache folder only costs speed
             pass
         return image
 

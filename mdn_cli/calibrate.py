@@ -15,12 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import mixture as mx
-from .calibration import DEFAULT_LEVELS, Calibration, fit_sigma_scale
+from .calibration import DEFAULT_LEVELS, METHODS, Calibration, FitData, fit
 from .checkpoint import save_checkpoint
 from .errors import DataError
 from .inference import Predictor
 from .labels import Example
-from .ood import FeatureBank, UnfamiliarImages, images_needed, subsample
+from .ood import FeatureBank, UnfamiliarImages, subsample
 from .runtime import Runtime
 
 
@@ -34,12 +34,14 @@ def calibrate_checkpoint(
     on_skip: Callable[[str], None],
     ood_quantile: float | None = 0.99,
 ) -> Calibration:
-    """Fit `method` (none | scale | conformal) and the unfamiliar-image warning for the checkpoint
-    at `path` (a model or an ensemble) and store them there. `splits`: train, val, calibration."""
+    """Fit the calibration method called `method` (calibration.METHODS) and the unfamiliar-image
+    warning for the checkpoint at `path` (a model or an ensemble) and store them there.
+    `splits`: train, val, calibration."""
     predictor, ckpt = Predictor.from_checkpoint(path, runtime)
 
     def run(examples: list[Example]):
-        return predictor.run([e.path for e in examples], runtime, [e.target for e in examples], num_workers=num_workers, on_skip=on_skip)
+        return predictor.run([e.path for e in examples], runtime, [e.target for e in examples], num_workers=num_workers, on_skip=on_skip,
+                             moment="calibration-batch")
 
     if ood_quantile is not None and any(m.bank is None for m in predictor.members):
         train = splits["train"]
@@ -52,48 +54,32 @@ def calibrate_checkpoint(
         predictor, _ = Predictor.from_checkpoint_state(ckpt, runtime, path)
         log(f"feature bank of {len(chosen)} train images for the unfamiliar-image warning")
 
-    result = Calibration()
-    val = run(splits["val"]) if method != "none" or ood_quantile is not None else None
-    if method != "none":
-        if len(val.targets) == 0:
-            raise DataError("no val image could be read: the std scale cannot be fitted")
-        fit = fit_sigma_scale(predictor.mixture(val, calibrated=False), val.targets)
-        result = Calibration("scale", fit.scale, len(val.targets))
-        log(f"std scale on {len(val.targets)} val images: component stds x {fit.scale:.3f}, "
-            f"val NLL {fit.nll_before:.4f} -> {fit.nll_after:.4f}")
+    conformal, scales = METHODS[method].conformal, METHODS[method].scales
+    val = run(splits["val"]) if scales or ood_quantile is not None else None
+    if scales and len(val.targets) == 0:
+        raise DataError("no val image could be read: the std scale cannot be fitted")
+    cal = run(splits["calibration"]) if splits["calibration"] and (conformal or ood_quantile is not None) else None
+    if cal is not None and len(cal.targets) == 0:
+        raise DataError("no calibration image could be read: the intervals and the unfamiliar-image threshold cannot be fitted")
+    if conformal and cal is None:
+        log(f"note: no calibration images, so {method} calibration falls back to the std scale alone: the intervals carry no "
+            "coverage guarantee (raise data.calibration_fraction or add 'calibration' rows to the split column)")
+        method = "scale"
+    kept = [splits["calibration"][i] for i in cal.indices.tolist()] if cal is not None else []
+    data = FitData(*((predictor.mixture(val, calibrated=False), val.targets) if val is not None else (None, None)), *(
+        (predictor.mixture(cal, calibrated=False), cal.targets, [e.group for e in kept]) if cal is not None else ()))
+    result = fit(method, data)
+    _log_fit(result, data, log)
     predictor.calibration = result
 
     unfamiliar = None
-    if splits["calibration"] and (method == "conformal" or ood_quantile is not None):
-        cal = run(splits["calibration"])
-        if len(cal.targets) == 0:
-            raise DataError("no calibration image could be read: the intervals and the unfamiliar-image threshold cannot be fitted")
-        m = predictor.mixture(cal)
-        if method == "conformal":
-            pit = mx.cdf(m, cal.targets).sort().values
-            hdr = mx.hdr_score(m, cal.targets).sort().values
-            result = Calibration("conformal", result.sigma_scale, result.val_images, pit, hdr)
-            levels = ", ".join(
-                f"{level:.0%} -> CDF levels {lo:.4f}..{hi:.4f}" for level in DEFAULT_LEVELS for lo, hi in [result.interval_probs(level)]
-            )
-            log(f"conformal intervals on {result.n_images} calibration images: {levels}")
-            if "warning" in result.describe():
-                log(f"warning: {result.describe()['warning']}")
-        if ood_quantile is not None:
-            banks = [member.bank for member in predictor.members]
-            scaling = val.features if len(val.targets) else cal.features  # val: never the threshold's own images
-            if not len(val.targets):
-                log("note: no val image could be read, so the unfamiliar-image scales are fitted on the calibration images")
-            unfamiliar = UnfamiliarImages.fit(banks, scaling, cal.features, ood_quantile)  # type: ignore[arg-type]
-            if unfamiliar.threshold == float("inf"):
-                log(f"warning: {len(cal.targets)} calibration images are too few for an unfamiliar-image threshold at "
-                    f"{ood_quantile} (needs at least {images_needed(ood_quantile)}): predictions carry no such warning")
-                unfamiliar = None
-            else:
-                log(f"unfamiliar-image threshold on {unfamiliar.n_images} calibration images: flags about "
-                    f"{1 - ood_quantile:.1%} of images like them")
-    elif method == "conformal" or ood_quantile is not None:
-        log("note: no calibration images, so the intervals carry no coverage guarantee and unfamiliar images are not flagged "
+    if cal is not None and ood_quantile is not None:
+        banks = [member.bank for member in predictor.members]
+        scaling = val.features if len(val.targets) else cal.features  # val: never the threshold's own images
+        unfamiliar = UnfamiliarImages.fit(banks, scaling, cal.features, ood_quantile)  # type: ignore[arg-type]
+        log(unfamiliar.fitted_message())
+    elif ood_quantile is not None:
+        log("note: no calibration images, so unfamiliar images are not flagged "
             "(raise data.calibration_fraction or add 'calibration' rows to the split column)")
     ckpt["calibration"] = result.state()
     ckpt.pop("unfamiliar", None)
@@ -103,3 +89,26 @@ def calibrate_checkpoint(
             state["feature_bank"] = bank.state()  # with the scales fitted on the val images
     save_checkpoint(ckpt, path)
     return result
+
+
+def _log_fit(result: Calibration, data: FitData, log: Callable[[str], None]) -> None:
+    """What calibration did, and on which images, in a few lines."""
+    if not result.calibrated:
+        return
+    before = float(-mx.log_prob(data.val, data.val_targets).mean())
+    after = float(-mx.log_prob(result.scaled(data.val), data.val_targets).mean())
+    scale = result.scale.describe()["sigma_scale"]
+    kind = f"component stds x {scale:.3f}" if isinstance(scale, float) else "a factor on each image's stds, by its predicted value and spread"
+    log(f"std scale on {len(data.val_targets)} val images: {kind}, val NLL {before:.4f} -> {after:.4f}")
+    if result.scores is None:
+        return
+    whole = result.apply(data.cal)
+    levels = ", ".join(f"{level:.0%} -> CDF levels {float(lo.min()):.4f}..{float(hi.max()):.4f}" if len(result.scores.pit) > 1 else
+                       f"{level:.0%} -> CDF levels {float(lo[0]):.4f}..{float(hi[0]):.4f}"
+                       for level in DEFAULT_LEVELS for lo, hi in [whole.interval_probs(level)])
+    cells = f" in {len(result.scores.pit)} cells ({', '.join(str(int(p.numel())) for p in result.scores.pit.values())} images)" \
+        if len(result.scores.pit) > 1 else ""
+    log(f"{result.method} intervals on {result.n_images} calibration images{cells}: {levels}")
+    warnings = {r.get("warning") for r in whole.describe(DEFAULT_LEVELS)} - {None}
+    for warning in sorted(warnings):
+        log(f"warning: {warning}")

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError
-from .files import atomic_writer, interrupts_held
+from . import interrupts
+from .files import atomic_writer, write_error
 
 FORMAT_VERSION = 2
 REQUIRED_KEYS = ("format_version", "config", "model_args", "target_scaler", "model")
@@ -34,14 +35,36 @@ ENSEMBLE_KEYS = ("format_version", "config", "members", "calibration")
 
 
 def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
-    """Write atomically (temp file, fsync, rename): a crash leaves either the previous complete
-    file or the new complete file, never a torn one. Ctrl-C waits for the write to finish."""
+    """Write atomically (temp file, fsync, rename): a crash, a full disk or Ctrl-C leaves either the
+    previous complete file or the new complete file, never a torn one; a stop waits for the write."""
     path = Path(path)
-    try:
-        with interrupts_held(), atomic_writer(path, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **payload}, f)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot write checkpoint ({e.strerror or e}); the previous file is intact") from None
+    with interrupts.interrupts_held(), atomic_writer(path, "wb") as f:
+        interrupts.reached("checkpoint-write")
+        recording = _WriteErrors(f)
+        try:
+            torch.save({"format_version": FORMAT_VERSION, **payload}, recording)
+        except RuntimeError:
+            # torch's zip writer turns the file system's refusal into "enforce fail ... unexpected pos"
+            if recording.error is None:
+                raise
+            raise write_error(path, recording.error) from None
+
+
+class _WriteErrors:
+    """A binary file that remembers the OSError of a failed write (torch.save hides it)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

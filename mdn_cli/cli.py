@@ -5,13 +5,18 @@ into one red line and an exit code. Heavy imports (torch) happen inside the comm
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from .errors import MdnError
+
+if TYPE_CHECKING:
+    from .interrupts import Interrupted
 
 
 def _plain_help(params: list) -> list:
@@ -61,9 +66,6 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-EXIT_INTERRUPTED = 130
-
-
 def _version(value: bool) -> None:
     if value:
         from . import __version__
@@ -84,6 +86,28 @@ def _root(
 def fail(message: str, code: int = 2) -> typer.Exit:
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     return typer.Exit(code)
+
+
+@contextmanager
+def stoppable(kept: Callable[[Interrupted], str]) -> Iterator[None]:
+    """Run a long command so that Ctrl-C and SIGTERM stop it at a safe point (see interrupts.py):
+    one line says so, and `kept(e)` what was kept and how to go on; exit 128 + the signal number."""
+    from .interrupts import Interrupted, check, stop_requests
+
+    try:
+        with stop_requests():
+            yield
+            check()  # a stop asked for during the command's last stretch still ends it as interrupted
+    except Interrupted as e:
+        how = f"stopped at once (a second {e})" if e.forced else f"interrupted ({e})"
+        raise fail(f"{how}; {kept(e)}", e.exit_code) from None
+
+
+def _this_command() -> str:
+    """The command line being run, to repeat it."""
+    import shlex
+
+    return shlex.join(["mdn", *sys.argv[1:]])
 
 
 def counted(n: int, noun: str) -> str:
@@ -124,6 +148,8 @@ Backend = Annotated[
 
 @app.command(cls=Command, epilog="""**Examples**
 
+    # no YAML: settings chosen from the data and this machine, the plan printed first
+    mdn train data/toy/labels.csv
     mdn train configs/toy.yaml
     mdn train configs/toy.yaml --set train.epochs=3 --set model.components=5
     # continue after Ctrl-C
@@ -134,7 +160,8 @@ Backend = Annotated[
 The run folder (run.out_dir/run.name) gets config.yaml, splits.csv, metrics.csv, curves.png
 (rewritten every epoch: open it to watch the run), last.pt, best.pt and eval/.""")
 def train(
-    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML config file (see configs/ and the README's config reference).")],
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="A YAML config (see configs/ and the README's config reference), "
+                                           "or a labels CSV: mdn then chooses the settings itself and prints its plan.")],
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a config value, e.g. --set train.epochs=3 (repeatable)."),
@@ -149,35 +176,170 @@ def train(
 
     A backbone CNN with a mixture density head learns the full distribution of the target for each
     image; after training it is calibrated and scored on the test split."""
-    import signal
-
     from .config import load_config
 
-    def terminated(signum, frame):  # SIGTERM (schedulers, docker stop) ends the run like Ctrl-C
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminated)
     cfg = None
+    planned = config.suffix.lower() == ".csv"
+
+    def kept(e: Interrupted) -> str:
+        extra = "".join(f" --set {s}" for s in set_ or [])
+        run_dir = Path(cfg.run.out_dir) / cfg.run.name if cfg is not None else None
+        if run_dir is None or not (run_dir / "last.pt").is_file():
+            return f"no epoch was completed, so there is nothing to resume. Start again with: mdn train {config}{extra}"
+        lost = "the epoch in progress was not saved; " if e.forced else ""
+        again = f"{run_dir / 'config.yaml'}" if planned else f"{config}{extra}"  # the plan as written: the data may change
+        return f"{lost}{run_dir / 'last.pt'} holds the last completed epoch. Continue with: mdn train {again} --resume"
+
+    with stoppable(kept):
+        try:
+            reasons = header = None
+            if planned:
+                cfg, reasons, header = _plan(config, set_ or [])
+            else:
+                cfg = load_config(config, set_ or [])
+            if members > 1:
+                from .ensemble import train_members
+
+                train_members(cfg, members, resume=resume, overwrite=overwrite, log=typer.echo)
+            else:
+                from .train import train as run_training
+
+                run_training(cfg, resume=resume, overwrite=overwrite, reasons=reasons, header=header)
+        except MdnError as e:
+            raise fail(str(e), e.exit_code) from None
+
+
+def _plan(labels: Path, overrides: list[str], out: Path | None = None):
+    """Plan a run from a labels file, print the plan; (config, reasons, header for the YAML)."""
+    import datetime
+
+    from .config.planner import Machine, plan
+
+    machine = Machine.here()
+    p = plan(labels, machine, overrides)
+    cfg, facts, why = p.config, p.facts, p.reasons
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    target = cfg.data.target_column
+    head = f"{cfg.train.unfreeze_after} head-only epoch{'s' * (cfg.train.unfreeze_after != 1)} on cached features, then " \
+        if cfg.train.unfreeze_after else ""
+    lines = [
+        f"plan for {labels} ({facts.rows} rows; image column {cfg.data.image_column!r}, target {target!r}):",
+        f"  target    {cfg.data.target_transform} ({why['data.target_transform']})",
+        f"  images    {cfg.data.image_size} px ({why['data.image_size']})",
+        f"  model     {cfg.model.backbone} ({'ImageNet weights' if cfg.model.pretrained else 'random init'}) + "
+        f"{cfg.model.components}-component MDN, dropout {cfg.model.dropout}",
+        f"  schedule  {cfg.train.epochs} epochs of batches of {cfg.train.batch_size}: {head}the whole network "
+        f"(backbone at {cfg.train.backbone_lr_scale}x lr {cfg.train.lr:g}); early stopping after "
+        f"{cfg.train.early_stopping_patience} epochs without a better val NLL",
+        f"  machine   {machine.device}, {machine.cores} cores, precision {cfg.train.precision}, "
+        f"{'decoded images kept in memory' if cfg.data.cache == 'memory' else 'images decoded every epoch'}",
+        f"  config    {out or run_dir / 'config.yaml'} (commented; repeat this run with: mdn train "
+        f"{out or run_dir / 'config.yaml'}{'' if out else ' --overwrite'})",
+    ]
+    typer.echo("\n".join(lines))
+    header = (f"Planned by `mdn {' '.join(['train' if out is None else 'init', str(labels), *(f'--set {o}' for o in overrides)])}` "
+              f"on {datetime.date.today()} ({machine.device}, {machine.cores} cores).\n"
+              "Each key: why it has its value (chosen: ...), or what it means. Edit and train with: mdn train THIS_FILE")
+    return cfg, why, header
+
+
+@app.command(cls=Command, epilog="""**Examples**
+
+    mdn init data/toy/labels.csv -o config.yaml
+    mdn init photos/labels.csv -o config.yaml --set data.target_column=weight
+    mdn train config.yaml
+
+Writes the commented YAML `mdn train LABELS.csv` would use, without training.""")
+def init(
+    labels: Annotated[Path, typer.Argument(metavar="LABELS.csv", help="A labels CSV: an image column and a numeric target column.")],
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE", help="Where to write the YAML config.")] = Path("config.yaml"),
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a chosen value, e.g. --set train.epochs=3 (repeatable)."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file at --output.")] = False,
+) -> None:
+    """Write a config chosen from a labels file, to read and edit before training.
+
+    Finds the image and target columns and chooses the backbone, image size, batch size, epochs,
+    schedule and target transform from the data and this machine, each with its reason as a comment."""
     try:
-        cfg = load_config(config, set_ or [])
-        if members > 1:
-            from .ensemble import train_members
+        from .config import to_yaml
+        from .files import write_text_atomic
 
-            train_members(cfg, members, resume=resume, overwrite=overwrite, log=typer.echo)
-        else:
-            from .train import train as run_training
-
-            run_training(cfg, resume=resume, overwrite=overwrite)
+        if output.exists() and not overwrite:
+            raise fail(f"{output} exists; pass --overwrite to replace it, or choose another --output")
+        cfg, reasons, header = _plan(labels, set_ or [], out=output)
+        write_text_atomic(output, to_yaml(cfg, reasons, header))
     except MdnError as e:
         raise fail(str(e), e.exit_code) from None
-    except KeyboardInterrupt:
-        extra = "".join(f" --set {s}" for s in set_ or [])
-        last = Path(cfg.run.out_dir) / cfg.run.name / "last.pt" if cfg is not None else None
-        if last is not None and last.is_file():
-            hint = f"{last} holds the last completed epoch. Continue with: mdn train {config}{extra} --resume"
-        else:
-            hint = f"no epoch was completed, so there is nothing to resume. Start again with: mdn train {config}{extra}"
-        raise fail(f"interrupted; {hint}", EXIT_INTERRUPTED) from None
+    typer.echo(f"wrote {output}")
+
+
+@app.command("check-data", cls=Command, epilog="""**Examples**
+
+    mdn check-data data/toy/labels.csv
+    mdn check-data configs/utkface.yaml --output runs/check-utkface
+
+Exit code: 0 when nothing was found, 1 when problems were found (listed, and in report.json),
+2 when the data cannot be read at all.""")
+def check_data(
+    source: Annotated[Path, typer.Argument(metavar="LABELS.csv|CONFIG", help="A labels CSV, or a YAML config naming one.")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a config value, e.g. --set data.target_column=age."),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", metavar="FOLDER", help="Where to write report.json, duplicates.csv and label_histogram.png "
+                     "(default: runs/check-NAME)."),
+    ] = None,
+) -> None:
+    """Check a labelled image set before training on it.
+
+    Unreadable, truncated or tiny images and unusual modes; exact and near-duplicate photos (the
+    same photo resized or re-compressed), above all copies in two splits, which leak test images
+    into training; label cells that are not numbers, outliers and skew, with a histogram."""
+    from tqdm import tqdm
+
+    with stoppable(lambda e: "no report was written"):
+        try:
+            from .check_data import check_data as run_check
+            from .check_data import format_report
+            from .config import load_config
+
+            if source.suffix.lower() == ".csv":
+                from .config.planner import read_facts
+
+                facts = read_facts(source, *_given(set_ or [], "data.image_column", "data.target_column"))
+                cfg = load_config(None, [f"data.root={source.parent}", f"data.labels={source.name}",
+                                         f"data.image_column={facts.image_column}", f"data.target_column={facts.target_column}",
+                                         f"data.split_column={facts.split_column or 'split'}", *(set_ or [])])
+                labels = source
+            else:
+                cfg = load_config(source, set_ or [])
+                labels = Path(cfg.data.root) / cfg.data.labels
+            out = output or Path(cfg.run.out_dir) / f"check-{labels.resolve().parent.name}"
+            bar = tqdm(total=0, desc="checking images", unit="image", leave=False)
+
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.n = done
+                bar.refresh() if done % 64 == 0 else None
+
+            report = run_check(labels, cfg, out, progress=progress)
+            bar.close()
+        except MdnError as e:
+            raise fail(str(e), e.exit_code) from None
+    typer.echo(format_report(report, out), nl=False)
+    if report.problems:
+        raise typer.Exit(1)
+
+
+def _given(overrides: list[str], *keys: str) -> list[str | None]:
+    """The values of `keys` among --set overrides (None where not given)."""
+    given = dict(item.split("=", 1) for item in overrides if "=" in item)
+    return [given.get(key) for key in keys]
 
 
 @app.command(cls=Command, epilog="""**Examples**
@@ -207,14 +369,23 @@ def ensemble(
     The ensemble predicts the average of its members' mixtures, with its own calibration (std scale
     on val, conformal levels and the unfamiliar-image threshold on the calibration split) and its
     test-split scores."""
-    try:
-        from .ensemble import build_ensemble
+    target = output if output.suffix == ".pt" else output / "best.pt"
 
-        path = build_ensemble(checkpoints, output, device=device, data_root=data_root, overwrite=overwrite,
-                              log=typer.echo, on_skip=lambda m: typer.secho(f"skipped: {m}", err=True, fg=typer.colors.YELLOW))
-    except MdnError as e:
-        raise fail(str(e), e.exit_code) from None
-    typer.echo(f"ensemble checkpoint: {path}")
+    def kept(e: Interrupted) -> str:
+        if target.is_file():  # written only once calibrated (an interrupted start removes its own)
+            return f"the ensemble {target} is complete; its test scores were not written: mdn evaluate -c {target}"
+        again = " ".join(["mdn ensemble", *map(str, checkpoints), "--output", str(output)])
+        return f"no ensemble was written. Start again with: {again}"
+
+    with stoppable(kept):
+        try:
+            from .ensemble import build_ensemble
+
+            path = build_ensemble(checkpoints, output, device=device, data_root=data_root, overwrite=overwrite,
+                                  log=typer.echo, on_skip=lambda m: typer.secho(f"skipped: {m}", err=True, fg=typer.colors.YELLOW))
+        except MdnError as e:
+            raise fail(str(e), e.exit_code) from None
+        typer.echo(f"ensemble checkpoint: {path}")
 
 
 def _levels(text: str | None) -> tuple[float, ...]:
@@ -262,6 +433,15 @@ def predict(
     levels: Levels = None,
     precision: Precision = "fp32",
     backend: Backend = "auto",
+    group: Annotated[
+        str | None,
+        typer.Option("--group", metavar="GROUP", help="The images' group, for a model calibrated by group (data.group_column)."),
+    ] = None,
+    groups: Annotated[
+        Path | None,
+        typer.Option("--groups", metavar="FILE.csv",
+                     help="Each image's group: a CSV with columns image (relative to its folder) and group."),
+    ] = None,
 ) -> None:
     """Predict a distribution for each image.
 
@@ -269,45 +449,64 @@ def predict(
     the 68% and 95% intervals, the highest-density regions, every likely answer with its
     probability, the mixture components, and a warning for images unlike the training images;
     as a table, JSON or CSV."""
-    try:
-        from .predict import (
-            collect_images,
-            find_latest_checkpoint,
-            format_predictions,
-            predict_images,
-            write_output,
-        )
+    wrote: list[str] = []  # what is complete on disk
+    plots: list[Path] = []
 
-        if checkpoint is None:
-            checkpoint = find_latest_checkpoint()
-            typer.echo(f"using checkpoint {checkpoint}", err=True)
-        paths, problems = collect_images(images)
-        for problem in problems:
-            typer.secho(f"skipped: {problem}", err=True, fg=typer.colors.YELLOW)
-        if not paths:
-            raise fail("no images to predict")
-        if plot is not None and plot.exists() and not plot.is_dir():
-            raise fail(f"--plot: {plot} is a file; give a folder to write the plots into")
-        skipped: list[str] = []
+    def kept(e: Interrupted) -> str:
+        done = wrote + ([f"{counted(len(plots), 'plot')} to {plot}"] if plots else [])
+        return f"wrote {' and '.join(done)} before stopping" if done else "nothing was written"
 
-        def on_skip(message: str) -> None:
-            skipped.append(message)
-            typer.secho(f"skipped: {message}", err=True, fg=typer.colors.YELLOW)
+    with stoppable(kept):
+        try:
+            from .predict import (
+                collect_images,
+                find_latest_checkpoint,
+                format_predictions,
+                predict_images,
+                read_groups,
+                write_output,
+            )
 
-        predictions, mixture = predict_images(paths, checkpoint, device=device, batch_size=batch_size, on_skip=on_skip,
-                                              levels=_levels(levels), precision=precision, backend=backend,
-                                              log=lambda message: typer.echo(message, err=True))
-        if predictions:
-            write_output(format_predictions(predictions, format), output)
-            if output is not None:
-                typer.echo(f"wrote {counted(len(predictions), 'prediction')} to {output}", err=True)
-        if plot is not None and predictions:
-            from .plots import checkpoint_label, write_density_plots
+            if checkpoint is None:
+                checkpoint = find_latest_checkpoint()
+                typer.echo(f"using checkpoint {checkpoint}", err=True)
+            paths, problems = collect_images(images)
+            for problem in problems:
+                typer.secho(f"skipped: {problem}", err=True, fg=typer.colors.YELLOW)
+            if not paths:
+                raise fail("no images to predict")
+            if plot is not None and plot.exists() and not plot.is_dir():
+                raise fail(f"--plot: {plot} is a file; give a folder to write the plots into")
+            skipped: list[str] = []
 
-            written = write_density_plots(predictions, mixture, plot, checkpoint_label(checkpoint))
-            typer.echo(f"wrote {counted(len(written), 'plot')} to {plot}", err=True)
-    except MdnError as e:
-        raise fail(str(e), e.exit_code) from None
+            def on_skip(message: str) -> None:
+                skipped.append(message)
+                typer.secho(f"skipped: {message}", err=True, fg=typer.colors.YELLOW)
+
+            if group is not None and groups is not None:
+                raise fail("--group and --groups: give one group for every image, or a file of groups, not both")
+            per_image = None
+            if groups is not None:
+                table = read_groups(groups)
+                per_image = [table.get(p.resolve()) for p in paths]
+            elif group is not None:
+                per_image = [group] * len(paths)
+            predictions, mixture = predict_images(paths, checkpoint, device=device, batch_size=batch_size, on_skip=on_skip,
+                                                  levels=_levels(levels), precision=precision, backend=backend,
+                                                  log=lambda message: typer.echo(message, err=True), groups=per_image)
+            if predictions:
+                write_output(format_predictions(predictions, format), output)
+                if output is not None:
+                    wrote.append(f"{counted(len(predictions), 'prediction')} to {output}")
+                    typer.echo(f"wrote {wrote[-1]}", err=True)
+            if plot is not None and predictions:
+                from .plots import checkpoint_label, write_density_plots
+
+                written = write_density_plots(predictions, mixture, plot, checkpoint_label(checkpoint),
+                                              on_written=plots.append)
+                typer.echo(f"wrote {counted(len(written), 'plot')} to {plot}", err=True)
+        except MdnError as e:
+            raise fail(str(e), e.exit_code) from None
     if problems or skipped:
         n = len(problems) + len(skipped)
         raise fail(f"{counted(n, 'input')} could not be read (see above); {len(predictions)} predicted", 1)
@@ -350,21 +549,22 @@ def evaluate(
 
     NLL, CRPS, MAE/RMSE, interval coverage, width and interval score (also by decile of the true
     value and of the predicted std) and calibration error, with diagnostic plots."""
-    try:
-        from .evaluate import evaluate as run_evaluation
-        from .evaluate import format_metrics
-        from .predict import find_latest_checkpoint
+    with stoppable(lambda e: f"files already written are whole; to write them all, run again: {_this_command()}"):
+        try:
+            from .evaluate import evaluate as run_evaluation
+            from .evaluate import format_metrics
+            from .predict import find_latest_checkpoint
 
-        if checkpoint is None:
-            checkpoint = find_latest_checkpoint()
-            typer.echo(f"using checkpoint {checkpoint}", err=True)
-        evaluation, out, described = run_evaluation(
-            checkpoint, data, split, output, device,
-            on_skip=lambda message: typer.secho(f"skipped: {message}", err=True, fg=typer.colors.YELLOW),
-            overwrite=overwrite, levels=_levels(levels), precision=precision,
-        )
-    except MdnError as e:
-        raise fail(str(e), e.exit_code) from None
+            if checkpoint is None:
+                checkpoint = find_latest_checkpoint()
+                typer.echo(f"using checkpoint {checkpoint}", err=True)
+            evaluation, out, described = run_evaluation(
+                checkpoint, data, split, output, device,
+                on_skip=lambda message: typer.secho(f"skipped: {message}", err=True, fg=typer.colors.YELLOW),
+                overwrite=overwrite, levels=_levels(levels), precision=precision,
+            )
+        except MdnError as e:
+            raise fail(str(e), e.exit_code) from None
     typer.echo(f"{checkpoint} on {described}:")
     typer.echo(format_metrics(evaluation.metrics), nl=False)
     plots = sorted(p.name for p in out.glob("*.png"))
@@ -386,12 +586,13 @@ def export(
     Inputs uint8 RGB images (N x 3 x S x S); outputs the mixture weights, means and stds (and the
     unfamiliar-image score); the metadata rebuilds every summary. `mdn predict --checkpoint
     model.onnx` runs it on onnxruntime."""
-    try:
-        from .export import export_onnx
+    with stoppable(lambda e: f"{output} was not written; run again: {_this_command()}"):
+        try:
+            from .export import export_onnx
 
-        export_onnx(checkpoint, output, log=typer.echo)
-    except MdnError as e:
-        raise fail(str(e), e.exit_code) from None
+            export_onnx(checkpoint, output, log=typer.echo)
+        except MdnError as e:
+            raise fail(str(e), e.exit_code) from None
 
 
 @app.command(cls=Command, epilog="""**Examples**
@@ -414,6 +615,14 @@ def serve(
     ] = 10.0,
     max_files: Annotated[int, typer.Option("--max-files", min=1, metavar="N", help="Most files in one request.")] = 16,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, metavar="MB", help="Most megabytes in one request.")] = 20.0,
+    max_queue: Annotated[
+        int, typer.Option("--max-queue", min=1, metavar="N",
+                          help="Most images waiting for an answer; beyond it requests get 503 with Retry-After.")
+    ] = 256,
+    request_timeout: Annotated[
+        float, typer.Option("--request-timeout", min=0.001, metavar="SECONDS",
+                            help="Longest a client may take to send its upload (slower: 408).")
+    ] = 30.0,
     backend: Backend = "auto",
 ) -> None:
     """Serve predictions over HTTP, with a web page.
@@ -427,19 +636,16 @@ def serve(
                if not any(importlib.util.find_spec(m) for m in ([modules] if isinstance(modules, str) else modules))]
     if missing:
         raise fail(f'mdn serve needs {", ".join(missing)}: pip install "mdn-cli[serve]"')
-    try:
-        from .serve import ServeSettings
-        from .serve import serve as run_server
+    def kept(e: Interrupted) -> str:
+        return "requests in flight may have been cut off" if e.forced else "the server stopped after answering the requests in flight"
 
-        settings = ServeSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, max_files=max_files, max_upload_mb=max_upload_mb)
-        run_server(checkpoint, host, port, device, settings, log=lambda message: typer.echo(message, err=True), backend=backend)
-    except MdnError as e:
-        raise fail(str(e), e.exit_code) from None
+    with stoppable(kept):
+        try:
+            from .serve import ServeSettings
+            from .serve import serve as run_server
 
-
-def main() -> None:  # pragma: no cover - console entry point alias
-    app(prog_name="mdn")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+            settings = ServeSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, max_files=max_files, max_upload_mb=max_upload_mb,
+                                     max_queue=max_queue, request_timeout_s=request_timeout)
+            run_server(checkpoint, host, port, device, settings, log=lambda message: typer.echo(message, err=True), backend=backend)
+        except MdnError as e:
+            raise fail(str(e), e.exit_code) from None

@@ -7,6 +7,7 @@ on the backbone or on training statistics.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -16,7 +17,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .errors import DataError
 from .images import UnreadableImageError, decode_square
+from .interrupts import ignore_in_worker
 
 if TYPE_CHECKING:
     from .cache import DecodedCache
@@ -168,14 +171,17 @@ def make_loader(
     sampler: torch.utils.data.Sampler | list[int] | None = None,
     drop_last: bool = False,
     pin_memory: bool = False,
+    name: str = "images",
 ) -> DataLoader:
-    """A batched loader of `Batch`es; workers stay alive across epochs.
+    """A batched loader of `Batch`es; workers stay alive across epochs (stop them with
+    `close_loader`) and ignore Ctrl-C and SIGTERM, which the main process acts on. `name` names
+    the moment its first worker starts (`NAME-workers`, see interrupts.reached).
 
     It has its own generator: a DataLoader without one draws its workers' base seed from the
     global RNG each time it starts an iterator, and with persistent workers that happens in the
     first epoch of a process only, which made a resumed run's dropout differ from an
     uninterrupted one's."""
-    return DataLoader(
+    return Loader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
@@ -186,4 +192,38 @@ def make_loader(
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(0),
+        worker_init_fn=functools.partial(ignore_in_worker, f"{name}-workers") if num_workers > 0 else None,
     )
+
+
+class Loader(DataLoader):
+    """A DataLoader whose worker processes, if one dies, end the command with one clear line (a
+    DataError) instead of a traceback or a hang. A worker dies when it cannot hand a batch over
+    (shared memory full: a small /dev/shm, a file-size limit): `interrupts.ignore_in_worker` makes
+    it exit then, where Python's queue would drop the batch and leave both sides waiting forever."""
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except RuntimeError as e:
+                if "DataLoader worker" not in str(e):
+                    raise
+                raise DataError(
+                    f"an image loader process stopped ({str(e).splitlines()[0][:160]}); usually the shared memory that hands "
+                    "batches over is full (/dev/shm, or a file-size limit): free some, or set data.num_workers: 0"
+                ) from None
+            yield batch
+
+
+def close_loader(loader: DataLoader) -> None:
+    """Stop a loader's worker processes now and wait for them: persistent workers otherwise live
+    until the loader is collected, which after an error or a stop can be at interpreter exit,
+    where a worker still writing to its pipe prints a broken-pipe traceback."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()  # what DataLoader's own __del__ calls
+    loader._iterator = None

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import interrupts
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -51,6 +53,10 @@ class Dist:
         t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
         dist.all_reduce(t)
         return t.tolist()
+
+    def check_stop(self) -> None:
+        """A safe point every process reaches together: all of them stop if any was asked to."""
+        interrupts.stop_if(bool(self.sum([1.0 if interrupts.requested() else 0.0])[0]))
 
     def all_true(self, flag: bool) -> bool:
         """True only if `flag` is true on every process (keeps collective decisions in step)."""

@@ -17,15 +17,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from . import interrupts
 from . import mixture as mx
 from .calibration import SELECTION_SCALES, nll_sums
 from .dataset import Batch
 from .distributed import Dist
 from .errors import TrainingError
-from .inference import run_model
 from .mixture import mixture_nll
 from .model import MDNRegressor
-from .runtime import Runtime
+from .runtime import Runtime, run_model
 from .targets import TargetScaler
 
 # A run gives up when this many consecutive steps had a non-finite loss or gradient.
@@ -162,7 +162,9 @@ class Fitter:
     def step(self, batch: Batch) -> StepResult:
         """One optimisation step on this process's share of a global batch."""
         n = batch.images.shape[0]
-        global_n = int(self.dist.sum([n])[0])
+        # one all-reduce: the global batch size, and whether any process was asked to stop (a safe point)
+        global_n, stops = self.dist.sum([n, 1.0 if interrupts.requested() else 0.0])
+        interrupts.stop_if(bool(stops))
         if global_n < self.min_batch:  # unreadable images can leave a batch too small
             return StepResult("too_small")
         images = self.runtime.images(batch.images)
@@ -218,6 +220,7 @@ def fit_epoch(fitter: Fitter, batches: Iterable[Batch], on_skip: Callable[[str],
     log_jacobian = 0.0  # sum of log y over the images seen, for the log transform's density
     bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, unit="batch", disable=not fitter.dist.is_main)
     for batch in bar:
+        interrupts.reached("train-batch")
         for message in batch.skipped:
             on_skip(message)
         result = fitter.step(batch)
@@ -261,7 +264,7 @@ def validate_epoch(
     module: nn.Module, batches: Iterable[Batch], runtime: Runtime, targets: TargetScaler, dist: Dist, on_skip: Callable[[str], None]
 ) -> Validation:
     """Scores on this process's share of the val split, summed over all processes."""
-    out = run_model(module, batches, runtime, on_skip)
+    out = run_model(module, batches, runtime, on_skip, moment="val-batch")
     sums = [0.0, 0.0, 0, *([0.0] * len(SELECTION_SCALES))]  # a process whose share did not decode still takes part
     if len(out.targets):
         m, y = targets.to_mixture(*out.heads), out.targets

@@ -10,16 +10,18 @@ The result is a run folder (best.pt, splits.csv, config.yaml, eval/) that `mdn p
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
+from . import interrupts
 from .calibrate import calibrate_checkpoint
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import CheckpointError, RunError
-from .files import write_text_atomic
+from .files import temp_path, write_text_atomic
 from .run_folder import lock_run_dir
 from .runtime import select_runtime
 from .splits import SPLITS_FILE, read_splits
@@ -92,16 +94,26 @@ def build_ensemble(
             "data": members[0][0].get("data", {}),
             "calibration": {"method": "none"},
         }
-        save_checkpoint(ensemble, path)
-        log(f"ensemble of {len(members)} members: " + ", ".join(
-            f"{s['model_args']['backbone']} ({s['model_args']['components']} components, {s['model_args']['image_size']}px)" for s, _ in members))
-        examples = read_splits(folder / SPLITS_FILE, root, config["data"])
-        splits = {name: [e for e in examples if e.split == name] for name in ("train", "val", "calibration", "test")}
-        runtime = select_runtime(device, "fp32", what="--precision")
-        train_cfg = config["train"]
-        calibrate_checkpoint(path, train_cfg["calibration"], splits, runtime, num_workers, log, on_skip,
-                             ood_quantile=train_cfg.get("ood_quantile", 0.99))
+        # Calibrated beside its final name, then put in place: an interrupted or failed run leaves
+        # no uncalibrated ensemble behind (and an ensemble it was to replace stays as it was).
+        staging = temp_path(path)
+        try:
+            save_checkpoint(ensemble, staging)
+            log(f"ensemble of {len(members)} members: " + ", ".join(
+                f"{s['model_args']['backbone']} ({s['model_args']['components']} components, {s['model_args']['image_size']}px)"
+                for s, _ in members))
+            examples = read_splits(folder / SPLITS_FILE, root, config["data"])
+            splits = {name: [e for e in examples if e.split == name] for name in ("train", "val", "calibration", "test")}
+            runtime = select_runtime(device, "fp32", what="--precision")
+            train_cfg = config["train"]
+            calibrate_checkpoint(staging, train_cfg["calibration"], splits, runtime, num_workers, log, on_skip,
+                                 ood_quantile=train_cfg.get("ood_quantile", 0.99))
+            interrupts.check()
+            os.replace(staging, path)
+        finally:
+            staging.unlink(missing_ok=True)
         if splits["test"]:
+            interrupts.reached("evaluation")
             from .evaluate import evaluate, format_metrics
 
             evaluation, out, described = evaluate(path, device=device, num_workers=num_workers, on_skip=on_skip, overwrite=True)

@@ -29,3 +29,7 @@ class RunError(MdnError):
 
 class TrainingError(MdnError):
     """Training cannot continue (for example the loss keeps being NaN)."""
+
+
+class WriteError(MdnError):
+    """A file cannot be written (a full disk, a file-size limit, no permission); the message names it."""

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from . import metrics
+from . import interrupts, metrics
 from . import mixture as mx
-from .calibration import DEFAULT_LEVELS, Calibration, level_key
-from .errors import DataError
+from .calibration import DEFAULT_LEVELS, Calibrated, Calibration, level_key
+from .errors import CheckpointError, DataError
+from .export import OnnxPredictor, is_onnx
 from .files import atomic_writer, write_text_atomic
 from .inference import Predictor
 from .labels import Example, read_labels
@@ -33,11 +34,10 @@ class Evaluation:
     """Scores as reported (calibrated), plus `uncalibrated`, `oracle` and `conditional` where they apply."""
     examples: list[Example]
     """The scored examples (images that decoded), in order."""
-    mixture: mx.Mixture
-    """The predicted mixtures with the std scale applied."""
+    pred: Calibrated
+    """The predictions as reported: the scaled mixtures, each with its calibration set."""
     raw: mx.Mixture
-    """The same without any calibration."""
-    calibration: Calibration
+    """The same mixtures without any calibration."""
     levels: tuple[float, ...] = DEFAULT_LEVELS
     target: dict = field(default_factory=lambda: {"name": "target", "unit": ""})
     """{"name", "unit"} of what is predicted."""
@@ -47,6 +47,14 @@ class Evaluation:
     @property
     def targets(self) -> torch.Tensor:
         return torch.tensor([e.target for e in self.examples], dtype=torch.float64)
+
+    @property
+    def mixture(self) -> mx.Mixture:
+        return self.pred.mixture
+
+    @property
+    def calibration(self) -> Calibration:
+        return self.pred.calibration
 
 
 def examples_for(
@@ -68,7 +76,8 @@ def examples_for(
         if not chosen:
             raise DataError(f"{splits_file}: the run has no '{split}' images; choose another --split or pass --data")
         return chosen, Path(d["root"]), f"the {len(chosen)} {split} images of {run_dir}"
-    examples = read_labels(data, data.parent, d["image_column"], d["target_column"], d["split_column"], transform).examples
+    examples = read_labels(data, data.parent, d["image_column"], d["target_column"], d["split_column"], transform,
+                           d.get("group_column")).examples
     if split is not None:
         if examples[0].split is None:
             raise DataError(f"{data}: --split {split} asks for a split column ('{d['split_column']}'), which this file does not have; "
@@ -92,21 +101,19 @@ def score_examples(
     """Predict every example and score the predictions: as reported (calibrated), and before any
     calibration, and against the true distribution when the data has one (toy data)."""
     outputs = predictor.run([e.path for e in examples], runtime, [e.target for e in examples], num_workers=num_workers,
-                            on_skip=on_skip, progress=True)
+                            on_skip=on_skip, progress=True, moment="evaluation-batch")
     if outputs.targets.numel() == 0:
         raise DataError("no image could be read, nothing to score")
     kept = [examples[i] for i in outputs.indices.tolist()]
     y = outputs.targets
-    m, raw = predictor.mixture(outputs), predictor.mixture(outputs, calibrated=False)
+    groups = [e.group for e in kept]
+    pred, raw = predictor.calibrated(outputs, groups), predictor.mixture(outputs, calibrated=False)
     calibration = predictor.calibration
-    result = metrics.score(m, y, calibration, levels)
-    result["calibration"] = calibration.describe(levels)
-    if calibration.method != "none":
-        result["uncalibrated"] = metrics.score(raw, y, Calibration(), levels)
-    result["conditional"] = {
-        "by_target": metrics.conditional_coverage(m, y, calibration, y, levels=levels),
-        "by_predicted_std": metrics.conditional_coverage(m, y, calibration, mx.std(m), levels=levels),
-    }
+    result = metrics.score(pred, y, levels)
+    result["calibration"] = calibration.summary(levels)
+    if calibration.calibrated:
+        result["uncalibrated"] = metrics.score(Calibration().attach(raw), y, levels)
+    result["conditional"] = metrics.conditional_coverage(pred, y, groups=groups, levels=levels)
     ood = predictor.ood_scores(outputs)
     if ood is not None:
         flagged = ood > 1.0
@@ -114,8 +121,7 @@ def score_examples(
                                 **predictor.unfamiliar.describe()}  # type: ignore[union-attr]
         for name, rows in (("flagged", flagged), ("not_flagged", ~flagged)):
             if rows.any():
-                part = mx.Mixture(m.weights[rows], m.means[rows], m.stds[rows], m.transform)
-                result["unfamiliar"][name] = metrics.score(part, y[rows], calibration, levels)
+                result["unfamiliar"][name] = metrics.score(pred[rows], y[rows], levels)
     oracle = oracle_mixture(kept, root)
     if oracle is not None:
         result["oracle"] = {
@@ -123,7 +129,7 @@ def score_examples(
             "crps": float(mx.crps(oracle, y).mean()),
         }
     result["target"] = predictor.target
-    return Evaluation(result, kept, m, raw, calibration, levels, predictor.target or {"name": "target", "unit": ""}, ood)
+    return Evaluation(result, kept, pred, raw, levels, predictor.target or {"name": "target", "unit": ""}, ood)
 
 
 def oracle_mixture(examples: list[Example], root: Path) -> mx.Mixture | None:
@@ -168,6 +174,10 @@ def evaluate(
     """Score `checkpoint`; write metrics.json, predictions.csv and plots to `output` (default: see
     `default_output`). Results of other inputs already there are never replaced unless `overwrite`.
     Returns the evaluation, the output folder and what was scored."""
+    if is_onnx(checkpoint):
+        OnnxPredictor(checkpoint)  # a damaged file is said to be one
+        raise CheckpointError(f"{checkpoint}: an exported model; mdn evaluate scores the checkpoint it was exported from (a .pt, "
+                              "whose run folder knows the splits and the calibration's raw scores)")
     runtime = select_runtime(device, precision, what="--precision")
     predictor, ckpt = Predictor.from_checkpoint(checkpoint, runtime)
     run_dir = Path(checkpoint).parent
@@ -176,10 +186,13 @@ def evaluate(
     header = {"checkpoint": str(Path(checkpoint).resolve()), "data": described}
     _check_output(output, header, overwrite)
     evaluation = score_examples(predictor, examples, root, runtime, num_workers=num_workers, on_skip=on_skip, levels=levels)
+    interrupts.reached("results-write")
+    interrupts.check()
     try:
         output.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(output / "metrics.json", json.dumps({**header, **evaluation.metrics}, indent=2) + "\n")
-        _write_predictions(output / "predictions.csv", evaluation)
+        with interrupts.interrupts_held():  # the scores and the per-image file belong together
+            write_text_atomic(output / "metrics.json", json.dumps({**header, **evaluation.metrics}, indent=2) + "\n")
+            _write_predictions(output / "predictions.csv", evaluation)
         if plots:
             from .config import target_label
             from .plots import evaluation_plots
@@ -249,18 +262,23 @@ def format_metrics(result: dict) -> str:
             line += (f"; MAE {u['flagged']['mae_mean']:.4g} flagged vs {u['not_flagged']['mae_mean']:.4g} not, "
                      f"NLL {u['flagged']['nll']:.4g} vs {u['not_flagged']['nll']:.4g}")
         lines.append(line)
-    by_std = result.get("conditional", {}).get("by_predicted_std", [])
-    for k in keys:
-        if by_std:
-            values = " ".join(f"{row[f'coverage_{k}']:.2f}" for row in by_std)
-            lines.append(f"{k}% coverage by decile of predicted std (lowest first): {values}")
+    for name, table in result.get("conditional", {}).items():
+        what = name.removeprefix("by_").replace("_", " ")
+        cells = table["cells"]
+        lines.append(f"coverage by {what} ({len(cells)} {'groups' if name == 'by_group' else 'equal-count bins'}, "
+                     f"{min(c['n'] for c in cells)}-{max(c['n'] for c in cells)} images each):")
+        for k in keys:
+            values = "  ".join(f"{c[f'coverage_{k}']:.2f}±{c[f'se_{k}']:.2f}" for c in cells)
+            worst, test = table["worst"][k], table["homogeneity"][k]
+            lines.append(f"  {k}%: {values}; worst {worst['cell']} {worst['coverage']:.3f}; "
+                         f"same in every cell? p = {test['p_value']:.2g}")
     return "\n".join(lines) + "\n"
 
 
 def _write_predictions(path: Path, evaluation: Evaluation) -> None:
     m, examples, y = evaluation.mixture, evaluation.examples, evaluation.targets
     mean, std, median = mx.mean(m), mx.std(m), mx.median(m)
-    intervals = {level: evaluation.calibration.interval(m, level) for level in evaluation.levels}
+    intervals = {level: evaluation.pred.interval(level) for level in evaluation.levels}
     pit = mx.cdf(m, y)
     keys = [level_key(level) for level in evaluation.levels]
     ood = evaluation.ood_scores

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import interrupts
 from .calibration import Calibration
 from .errors import CheckpointError, MdnError
 from .files import temp_path
@@ -37,6 +38,10 @@ from .runtime import Runtime
 
 ONNX_HELP = 'ONNX export and prediction need the onnx extra: pip install "mdn-cli[export]"'
 OPSET = 18  # Resize with antialias (members of different input sizes)
+DIGEST_KEY = "mdn_sha256"
+"""Metadata entry holding `model_digest` of the rest of the file: a flipped byte anywhere in the
+graph, its weights or the metadata is found before it can give a wrong answer."""
+OUTPUTS = ("weights", "means", "stds")
 
 
 class ExportModule(nn.Module):
@@ -51,7 +56,7 @@ class ExportModule(nn.Module):
         self.counts = list(self.forward_members.counts)
         self.locs = [m.scaler.loc for m in predictor.members]
         self.scales = [m.scaler.scale for m in predictor.members]
-        self.sigma_scale = predictor.calibration.sigma_scale
+        self.std_scale = predictor.calibration.scale
         self.unfamiliar = predictor.unfamiliar
         if self.unfamiliar is not None:
             for i, bank in enumerate(self.unfamiliar.members):
@@ -68,7 +73,7 @@ class ExportModule(nn.Module):
             # float64 from here, as mdn does after the network: weights that sum to 1 exactly
             weights.append(torch.softmax(logits.double(), dim=-1) / m)
             means.append(mu.double() * self.scales[i] + self.locs[i])
-            stds.append(sd.double() * (self.scales[i] * self.sigma_scale))
+            stds.append(sd.double() * self.scales[i])
             if self.unfamiliar is not None:
                 bank = self.unfamiliar.members[i]
                 per_kind = []
@@ -78,7 +83,9 @@ class ExportModule(nn.Module):
                     similarity = (x @ reference.T).topk(min(bank.k, reference.shape[0]), dim=1).values[:, -1]
                     per_kind.append((2.0 - 2.0 * similarity).clamp_min(0.0).sqrt() / bank.scales[j])
                 distances.append(torch.stack(per_kind).mean(0))
-        out = (torch.cat(weights, 1), torch.cat(means, 1), torch.cat(stds, 1))
+        weights, means, stds = torch.cat(weights, 1), torch.cat(means, 1), torch.cat(stds, 1)
+        # the calibration's std scale, a constant or by each prediction's centre and spread (calibration/scale.py)
+        out = (weights, means, stds * self.std_scale.components_factors(weights, means, stds).unsqueeze(-1))
         if self.unfamiliar is not None:
             out += (torch.stack(distances).mean(0).double() / self.unfamiliar.threshold,)
         return out
@@ -95,10 +102,22 @@ def metadata(predictor: Predictor, ckpt: dict) -> dict:
         "target_name": data.get("target_name") or data.get("target_column"),
         "target_unit": data.get("target_unit", ""),
         "member_components": predictor.member_sizes,
-        "calibration": {"method": c.method, "sigma_scale": c.sigma_scale, "sigma_scale_applied": True, "val_images": c.val_images,
-                        "pit": c.pit.tolist(), "hdr_score": c.hdr_score.tolist()},
+        "members": [{"backbone": m.model.args.backbone, "components": m.model.args.components, "image_size": m.model.args.image_size}
+                    for m in predictor.members],
+        "calibration": {**_json_ready(c.state()), "scale_applied": True},
         "unfamiliar": predictor.unfamiliar.describe() | {"threshold_applied": True} if predictor.unfamiliar else None,
     }
+
+
+def _json_ready(value):
+    """Tensors as lists, throughout."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    return value
 
 
 def export_onnx(checkpoint: Path, output: Path, log: Callable[[str], None] = print) -> Path:
@@ -116,20 +135,28 @@ def export_onnx(checkpoint: Path, output: Path, log: Callable[[str], None] = pri
     names = ["weights", "means", "stds"] + (["ood_score"] if predictor.unfamiliar is not None else [])
     example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
     output.parent.mkdir(parents=True, exist_ok=True)
+    interrupts.reached("export")
     tmp = temp_path(output)  # one per process: two processes exporting at once never share it
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tracer's notes on constants (sizes, k) that are constant by design
             torch.onnx.export(module, (example,), str(tmp), input_names=["images"], output_names=names, opset_version=OPSET,
                               dynamic_axes={"images": {0: "batch"}, **{n: {0: "batch"} for n in names}}, dynamo=False)
+        interrupts.reached("export-traced")
         model = onnx.load(str(tmp))
         onnx.checker.check_model(model)
+        interrupts.reached("export-checked")
         entry = model.metadata_props.add()
         entry.key, entry.value = "mdn", json.dumps(metadata(predictor, ckpt))
+        digest = model_digest(model)
+        entry = model.metadata_props.add()
+        entry.key, entry.value = DIGEST_KEY, digest
         onnx.save(model, str(tmp))
         worst = verify(module, tmp, size)
+        interrupts.reached("export-verified")
+        interrupts.check()  # a stop asked for during the export: the file is not put in place
         tmp.replace(output)
-    except MdnError:
+    except (MdnError, KeyboardInterrupt):
         tmp.unlink(missing_ok=True)
         raise
     except Exception as e:  # noqa: BLE001 - exporter failures come in many types; name it in one line
@@ -137,6 +164,18 @@ def export_onnx(checkpoint: Path, output: Path, log: Callable[[str], None] = pri
         raise MdnError(f"{checkpoint}: ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     log(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB): onnx.checker passed; onnxruntime matches PyTorch to {worst:.1e} (relative)")
     return output
+
+
+def model_digest(model) -> str:
+    """sha256 of the model's canonical serialisation without its DIGEST_KEY entry."""
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    kept = [p for p in copy.metadata_props if p.key != DIGEST_KEY]
+    del copy.metadata_props[:]
+    copy.metadata_props.extend(kept)
+    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
 
 
 def verify(module: ExportModule, path: Path, size: int) -> float:
@@ -160,28 +199,60 @@ class OnnxPredictor:
             import onnxruntime
         except ImportError:
             raise MdnError(ONNX_HELP) from None
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{path}: model file not found")
+        if self.path.stat().st_size == 0:
+            raise CheckpointError(f"{path}: empty file (0 bytes), not an ONNX model; export it again with `mdn export`")
         try:
             model = onnx.load(str(path), load_external_data=False)
-            meta = json.loads({p.key: p.value for p in model.metadata_props}["mdn"])
+        except Exception:  # noqa: BLE001 - protobuf's errors for truncated or foreign bytes vary
+            raise CheckpointError(f"{path}: not a readable ONNX model (truncated, damaged or not ONNX); "
+                                  "export it again with `mdn export`") from None
+        props = {p.key: p.value for p in model.metadata_props}
+        if "mdn" not in props:
+            raise CheckpointError(f"{path}: an ONNX model without mdn's metadata (another model, or a damaged export); "
+                                  "export yours with `mdn export`")
+        if props.get(DIGEST_KEY) != model_digest(model):
+            raise CheckpointError(f"{path}: damaged (its contents do not match the checksum mdn wrote when exporting it); "
+                                  "export it again with `mdn export`")
+        try:
+            meta = json.loads(props["mdn"])
+            c = meta["calibration"]
+            self.meta = meta
+            self.image_size = int(meta["input"]["size"])
+            self.transform = meta["target_transform"]
+            self.member_sizes = [int(k) for k in meta["member_components"]]
+            self.target = {"name": meta.get("target_name") or "target", "unit": meta.get("target_unit", "")}
+            self.calibration = Calibration.from_state(c)
             self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        except KeyError:
-            raise CheckpointError(f"{path}: an ONNX model without mdn's metadata; export it with `mdn export`") from None
-        except Exception as e:  # noqa: BLE001 - protobuf and runtime errors: not a usable model file
-            raise CheckpointError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
-        c = meta["calibration"]
-        self.meta = meta
-        self.image_size = int(meta["input"]["size"])
-        self.transform = meta["target_transform"]
-        self.member_sizes = list(meta["member_components"])
-        self.target = {"name": meta.get("target_name") or "target", "unit": meta.get("target_unit", "")}
-        self.calibration = Calibration.from_state({**c, "pit": torch.tensor(c["pit"], dtype=torch.float64),
-                                                   "hdr_score": torch.tensor(c["hdr_score"], dtype=torch.float64)})
+        except Exception as e:  # noqa: BLE001 - metadata or graph that no export of mdn's writes
+            raise CheckpointError(f"{path}: not a model mdn exported ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
+                                  "export it again with `mdn export`") from None
+        self._check_signature(path, meta)
+
+    def _check_signature(self, path: Path, meta: dict) -> None:
+        """The graph's inputs and outputs are the ones its metadata describes."""
+        inputs = self.session.get_inputs()
+        shape = inputs[0].shape if len(inputs) == 1 else []
+        expected = ["batch", 3, self.image_size, self.image_size]
+        outputs = [o.name for o in self.session.get_outputs()]
+        wanted = [*OUTPUTS, *(["ood_score"] if meta.get("unfamiliar") else [])]
+        if (len(inputs) != 1 or inputs[0].name != "images" or inputs[0].type != "tensor(uint8)" or len(shape) != 4
+                or list(shape[1:]) != expected[1:] or outputs != wanted):
+            got = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
+            raise CheckpointError(f"{path}: its graph does not match its metadata (inputs: {got}; outputs: {', '.join(outputs)}; "
+                                  f"expected images uint8 {expected} and {', '.join(wanted)}); export it again with `mdn export`")
 
     def _outputs(self, images: torch.Tensor) -> list[torch.Tensor]:
         return [torch.from_numpy(o).double() for o in self.session.run(None, {"images": images.numpy()})]
 
     def _mixture(self, outputs: list[torch.Tensor]) -> tuple[Mixture, torch.Tensor | None]:
         weights, means, stds, *ood = outputs
+        k = sum(self.member_sizes)
+        if weights.ndim != 2 or weights.shape[1] != k or means.shape != weights.shape or stds.shape != weights.shape:
+            raise CheckpointError(f"{self.path}: its graph gives {tuple(weights.shape)} mixture weights for {k} components; "
+                                  "not a model mdn exported. Export it again with `mdn export`")
         return Mixture(weights, means, stds, self.transform), (ood[0] if ood else None)
 
     def predict_batch(self, images: torch.Tensor) -> tuple[Mixture, torch.Tensor | None]:
@@ -194,6 +265,8 @@ class OnnxPredictor:
         parts: list[list[torch.Tensor]] = []
         indices = []
         for batch in batches:
+            interrupts.reached("predict-batch")
+            interrupts.check()
             for message in batch.skipped:
                 on_skip(message)
             if batch.images.shape[0]:

@@ -12,11 +12,10 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from .dataset import ImageRegressionDataset, make_loader
+from .dataset import ImageRegressionDataset, close_loader, make_loader
 from .distributed import Dist
-from .inference import run_model
 from .model import MDNRegressor
-from .runtime import Runtime
+from .runtime import Runtime, run_model
 
 
 class FeatureDataset(Dataset):
@@ -64,9 +63,12 @@ def cached_features(
     decoded = dist.machine_tensor(f"features-{name}-decoded", (n,), torch.uint8)
     share = list(range(dist.local_rank, n, dist.local_world_size))
     dataset = ImageRegressionDataset(paths, targets, model.args.image_size)
-    loader = make_loader(dataset, batch_size, num_workers, share, pin_memory=runtime.pin_memory)
+    loader = make_loader(dataset, batch_size, num_workers, share, pin_memory=runtime.pin_memory, name="feature")
     batches = tqdm(loader, desc=f"backbone features ({name})", unit="batch", leave=False, disable=not dist.is_main)
-    out = run_model(BackboneFeatures(model), batches, runtime, on_skip)
+    try:
+        out = run_model(BackboneFeatures(model), batches, runtime, on_skip, moment="feature-batch")
+    finally:
+        close_loader(loader)
     if len(out.indices):
         features[out.indices] = out.heads[0]
         decoded[out.indices] = 1

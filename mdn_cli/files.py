@@ -3,37 +3,14 @@
 from __future__ import annotations
 
 import os
-import signal
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from .errors import WriteError
+
 TMP_SUFFIX = ".tmp"
-_held: list[int] | None = None  # the signals held by the outermost `interrupts_held` block, while it runs
-
-
-@contextmanager
-def interrupts_held() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM until the block ends, then deliver them: a group of files (an epoch's
-    checkpoints and history) is written whole, and an interrupt never lands inside `torch.save`,
-    whose zip writer turns it into a RuntimeError. Nests; a no-op outside the main thread."""
-    global _held
-    if _held is not None or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held: list[int] = []
-    _held = held
-    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():  # a signal arriving meanwhile still lands in `held`
-            signal.signal(s, signal.SIG_DFL if handler is None else handler)
-        _held = None
-        for signum in dict.fromkeys(held):  # each kind once; the handler in force before decides what it means
-            signal.raise_signal(signum)
 
 
 def temp_path(path: Path) -> Path:
@@ -45,7 +22,8 @@ def temp_path(path: Path) -> Path:
 def atomic_writer(path: str | Path, mode: str = "w", durable: bool = True, **open_args: Any) -> Iterator[IO]:
     """Open a temp file beside `path` for writing; on success (fsync it unless not `durable`, as for
     a cache) rename it over `path`. On any failure (exceptions, KeyboardInterrupt, SIGTERM) the temp
-    file is removed and `path` is untouched."""
+    file is removed and `path` is untouched; a write the file system refuses (a full disk, a
+    file-size limit) raises WriteError naming `path`."""
     path = Path(path)
     tmp = temp_path(path)
     if "b" not in mode:
@@ -57,9 +35,18 @@ def atomic_writer(path: str | Path, mode: str = "w", durable: bool = True, **ope
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, e) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_error(path: Path, e: OSError) -> WriteError:
+    """The one-line error for a write the file system refused."""
+    return WriteError(f"{path}: cannot write ({e.strerror or type(e).__name__}); free some space or choose another folder "
+                      f"(the previous {path.name}, if there was one, is intact)")
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

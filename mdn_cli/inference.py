@@ -10,7 +10,7 @@ downscaled (antialiased) inside their forward pass, so every path (files, upload
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,14 +19,15 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from .calibration import Calibration
+from . import interrupts
+from .calibration import Calibrated, Calibration
 from .checkpoint import load_checkpoint
-from .dataset import Batch, ImageRegressionDataset, make_loader, resolve_num_workers
+from .dataset import Batch, ImageRegressionDataset, close_loader, make_loader, resolve_num_workers
 from .errors import CheckpointError
 from .mixture import Mixture
 from .model import MDNRegressor, ModelArgs
 from .ood import FeatureBank, StageStatistics, UnfamiliarImages
-from .runtime import Runtime
+from .runtime import Outputs, Runtime, run_model
 from .targets import TargetScaler
 
 
@@ -120,6 +121,7 @@ class Predictor:
                                   "use the checkpoint a training run wrote, or retrain") from None
         for member in members:
             runtime.prepare(member.model).eval()
+        interrupts.reached("checkpoint-loaded")
         data = (ckpt.get("config") or {}).get("data", {})
         target = {"name": data.get("target_name") or data.get("target_column") or "target", "unit": data.get("target_unit", "")}
         return cls(members, calibration, unfamiliar, target), ckpt
@@ -145,13 +147,18 @@ class Predictor:
         """The predicted mixtures in the model's target space (with the std scale unless not
         `calibrated`): every member's components, weights divided by the number of members."""
         parts = [m.scaler.to_mixture(*heads) for m, heads in zip(self.members, predictions.heads)]
-        scale = self.calibration.sigma_scale if calibrated else 1.0
-        return Mixture(
+        raw = Mixture(
             torch.cat([p.weights for p in parts], dim=1) / len(parts),
             torch.cat([p.means for p in parts], dim=1),
-            torch.cat([p.stds for p in parts], dim=1) * scale,
+            torch.cat([p.stds for p in parts], dim=1),
             self.transform,
         )
+        return self.calibration.scaled(raw) if calibrated else raw
+
+    def calibrated(self, predictions: Predictions, groups: list[str | None] | None = None) -> Calibrated:
+        """The predictions as reported: scaled, each row with its calibration set (`groups`: each
+        image's group, for a model calibrated by group)."""
+        return self.calibration.attach(self.mixture(predictions), groups)
 
     def ood_scores(self, predictions: Predictions) -> torch.Tensor | None:
         """(N,) ood_score (above 1: unlike the training images), or None without a warning model."""
@@ -172,13 +179,18 @@ class Predictor:
         num_workers: int | str = "auto",
         on_skip: Callable[[str], None] = print,
         progress: bool = False,
+        moment: str = "predict-batch",
     ) -> Predictions:
-        """Predictions for every image of `paths` that decodes (unlabelled: NaN targets)."""
+        """Predictions for every image of `paths` that decodes (unlabelled: NaN targets). Each batch
+        is a safe point for a stop (`moment` names it for tests)."""
         dataset = ImageRegressionDataset(paths, targets if targets is not None else [math.nan] * len(paths), self.image_size)
         workers = 0 if len(paths) <= batch_size else resolve_num_workers(num_workers)
-        loader = make_loader(dataset, batch_size, workers, pin_memory=runtime.pin_memory)
+        loader = make_loader(dataset, batch_size, workers, pin_memory=runtime.pin_memory, name=moment.removesuffix("-batch"))
         batches = tqdm(loader, desc="predicting", unit="batch", leave=False, disable=not progress or len(loader) < 2)
-        return self._collect(run_model(self.forward, batches, runtime, on_skip))
+        try:
+            return self._collect(run_model(self.forward, batches, runtime, on_skip, moment))
+        finally:
+            close_loader(loader)
 
     def _collect(self, outputs: Outputs) -> Predictions:
         heads, features, start = [], [], 0
@@ -201,44 +213,3 @@ def _check_plausible(members: list[Member]) -> None:
         for name, value in m.model.state_dict().items():
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise ValueError(f"non-finite weights in {name}")
-
-
-@dataclass
-class Outputs:
-    """A module's outputs for every image that decoded, in loader order, on the CPU."""
-
-    heads: tuple[torch.Tensor, ...]
-    """The module's outputs, float32, each with N rows."""
-    targets: torch.Tensor
-    """(N,) float64, target units."""
-    indices: torch.Tensor
-    """(N,) int64: dataset index of each row."""
-
-
-@torch.inference_mode()
-def run_model(model: torch.nn.Module, batches: Iterable[Batch], runtime: Runtime, on_skip: Callable[[str], None]) -> Outputs:
-    """Run `model` over `batches` in eval mode; `on_skip(message)` for each image that did not decode.
-    Every submodule's own mode is restored afterwards (a frozen backbone stays in eval mode while
-    the head trains)."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    heads: list[tuple[torch.Tensor, ...]] = []
-    targets: list[torch.Tensor] = []
-    indices: list[torch.Tensor] = []
-    try:
-        for batch in batches:
-            for message in batch.skipped:
-                on_skip(message)
-            if batch.images.shape[0] == 0:
-                continue
-            with runtime.autocast():
-                out = model(runtime.images(batch.images))
-            heads.append(tuple(o.float().cpu() for o in (out if isinstance(out, tuple) else (out,))))
-            targets.append(batch.targets)
-            indices.append(batch.indices)
-    finally:
-        for module, training in modes:
-            module.training = training
-    if not heads:
-        return Outputs((), torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.int64))
-    return Outputs(tuple(torch.cat(p) for p in zip(*heads)), torch.cat(targets), torch.cat(indices))

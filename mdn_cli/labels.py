@@ -17,7 +17,7 @@ import re
 import stat
 import unicodedata
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -67,6 +67,8 @@ class Example:
     """One of SPLITS from the split column, or None when the file has none."""
     line: int
     """1-based physical line of the labels file where the row starts (the header is line 1)."""
+    group: str | None = None
+    """The row's group (data.group_column: camera, site, breed...), None without one."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,10 @@ class Labels:
     """Non-fatal findings for the caller to print, one line each."""
     sha256: str
     """Hex digest of the file's bytes: a fingerprint to store with a run."""
+    rows: int = 0
+    """Rows read (blank lines aside): the examples plus the repeated rows dropped."""
+    problems: list[str] = field(default_factory=list)
+    """The rows left out, one line each (only with `lenient`: otherwise they are a DataError)."""
 
 
 def read_labels(
@@ -86,14 +92,18 @@ def read_labels(
     target_column: str,
     split_column: str | None,
     target_transform: str = "none",
+    group_column: str | None = None,
+    lenient: bool = False,
 ) -> Labels:
-    """Read and validate the whole labels CSV; report every problem found at once (DataError)."""
+    """Read and validate the whole labels CSV; report every problem found at once (DataError).
+    `group_column`: a column naming each row's group (an empty cell: no group). `lenient`: rows
+    with problems are left out and listed in `problems` instead (the data check reports them all)."""
     labels_path, root = Path(labels_path), Path(root)
     with _open_regular_file(labels_path) as f:
         lines = _Lines(f)
         # strict: a quote left open to the end of the file is an error, not one cell that swallows every row after it.
         reader = csv.reader(lines, strict=True)
-        columns, notes = _read_header(reader, lines, labels_path, image_column, target_column, split_column)
+        columns, notes = _read_header(reader, lines, labels_path, image_column, target_column, split_column, group_column)
         root_resolved = _resolve_root(root, labels_path)
 
         problems: list[str] = []
@@ -122,11 +132,11 @@ def read_labels(
             rows += 1
             span = f" (the row spans lines {start}-{end}: a quoted cell holds line breaks)" if end > start else ""
             try:
-                image, path, target, split = columns.parse(row, root_resolved, root, target_transform)
+                image, path, target, split, group = columns.parse(row, root_resolved, root, target_transform)
             except _RowProblem as e:
                 problems.append(f"{labels_path}:{start}: {e}{span}")
                 continue
-            example = Example(image=image, path=path, target=target, split=split, line=start)
+            example = Example(image=image, path=path, target=target, split=split, line=start, group=group)
             previous = seen.get(str(path))
             if previous is not None:
                 if (previous.target, previous.split) == (target, split):
@@ -143,7 +153,7 @@ def read_labels(
             examples.append(example)
         sha256 = lines.sha256.hexdigest()
 
-    if problems:
+    if problems and not lenient:
         raise _report(labels_path, problems)
     if rows == 0:
         raise DataError(f"{labels_path}: labels file has a header but no rows; add one row per image below the header")
@@ -160,7 +170,7 @@ def read_labels(
             f"{labels_path}: all {len(examples)} targets are {examples[0].target!r}, so the model can only learn that "
             f"one value; check that data.target_column ('{target_column}') is the label column"
         )
-    return Labels(examples=examples, notes=notes, sha256=sha256)
+    return Labels(examples=examples, notes=notes, sha256=sha256, rows=rows, problems=problems)
 
 
 # --- the file as lines of text ---------------------------------------------------------------------
@@ -325,9 +335,11 @@ class _Columns:
     image_column: str
     target_column: str
     split_column: str | None
+    group: int | None = None
+    group_column: str | None = None
 
-    def parse(self, row: list[str], root_resolved: Path, root: Path, transform: str) -> tuple[str, Path, float, str | None]:
-        """A row's image path (as written, and resolved inside the root), target and split; _RowProblem if invalid."""
+    def parse(self, row: list[str], root_resolved: Path, root: Path, transform: str) -> tuple[str, Path, float, str | None, str | None]:
+        """A row's image path (as written, and resolved inside the root), target, split and group; _RowProblem if invalid."""
         n = len(self.names)
         if len(row) > n and any(cell.strip() for cell in row[n:]):
             # Usually an unquoted comma inside a path or a number: every cell after it has moved one column right.
@@ -338,6 +350,8 @@ class _Columns:
         wanted = [(self.image, self.image_column), (self.target, self.target_column)]
         if self.split is not None:
             wanted.append((self.split, self.split_column))
+        if self.group is not None:
+            wanted.append((self.group, self.group_column))
         missing = [name for i, name in wanted if i >= len(row)]
         if missing:
             raise _RowProblem(
@@ -348,11 +362,15 @@ class _Columns:
         path = _image_path(image, self.image_column, root_resolved, root)
         target = _target(row[self.target].strip(), self.target_column, transform)
         split = None if self.split is None else _split(row[self.split], self.split_column)
-        return image, path, target, split
+        group = None if self.group is None else (row[self.group].strip() or None)
+        if group is not None and not group.isprintable():
+            raise _RowProblem(f"the {self.group_column} cell {_show(group)} holds control characters; write the group as plain text")
+        return image, path, target, split, group
 
 
 def _read_header(
-    reader, lines: _Lines, labels_path: Path, image_column: str, target_column: str, split_column: str | None
+    reader, lines: _Lines, labels_path: Path, image_column: str, target_column: str, split_column: str | None,
+    group_column: str | None = None,
 ) -> tuple[_Columns, list[str]]:
     try:
         header = next(reader)
@@ -370,7 +388,7 @@ def _read_header(
             f"{labels_path}:1: expected the header (column names such as 'image,weight') on the first line, "
             "found no column names there; remove anything above the header"
         )
-    wanted = [image_column, target_column] + ([split_column] if split_column else [])
+    wanted = [image_column, target_column] + ([split_column] if split_column else []) + ([group_column] if group_column else [])
     missing = [c for c in (image_column, target_column) if c not in names]
     separator = _foreign_separator(names, lines.first_line, missing)
     if separator:
@@ -390,7 +408,8 @@ def _read_header(
     if problems:
         raise _report(labels_path, problems) if len(problems) > 1 else DataError(problems[0])
 
-    for key, column in (("data.image_column", image_column), ("data.target_column", target_column)):
+    required = [("data.image_column", image_column), ("data.target_column", target_column)]
+    for key, column in required + ([("data.group_column", group_column)] if group_column else []):
         if column not in names:
             guess = difflib.get_close_matches(column, [n for n in names if n], n=1, cutoff=0.5)
             if not guess:
@@ -429,6 +448,8 @@ def _read_header(
         image_column=image_column,
         target_column=target_column,
         split_column=split_column,
+        group=names.index(group_column) if group_column else None,
+        group_column=group_column,
     )
     return columns, notes
 

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from fractions import Fraction
 
 import torch
 from torch import nn
+
+from .calibration.levels import images_needed, rank, realised_range
 
 BANK_SIZE = 2048
 NEIGHBOURS = 10
@@ -121,23 +122,12 @@ def subsample(n: int, size: int = BANK_SIZE, seed: int = 0) -> list[int]:
     return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].tolist())
 
 
-def _rank(n: int, quantile: float) -> int:
-    return math.ceil(Fraction(quantile).limit_denominator(10**12) * (n + 1))
-
-
-def conformal_threshold(scores: torch.Tensor, quantile: float) -> float:
-    """The ceil((n+1) q)-th smallest score (inf when there are too few scores for q)."""
-    n = scores.numel()
-    m = _rank(n, quantile)
-    return float(scores.double().sort().values[m - 1]) if m <= n else math.inf
-
-
-def images_needed(quantile: float) -> int:
-    """The fewest calibration images that give a finite threshold at `quantile`."""
-    n = 1
-    while _rank(n, quantile) > n:
-        n += 1
-    return n
+def threshold_rank(n: int, quantile: float) -> tuple[int, float]:
+    """(rank m of the threshold among n sorted calibration scores, the level it carries). The
+    level asked for needs m = ceil(q (n+1)) <= n; with fewer images, the largest level n images
+    support, n/(n+1): the largest score (no smaller set of images gets a warning at all)."""
+    m = rank(n, quantile)
+    return (m, quantile) if m <= n else (n, n / (n + 1))
 
 
 @dataclass
@@ -147,37 +137,67 @@ class UnfamiliarImages:
     members: list[FeatureBank]
     threshold: float
     quantile: float
+    """The level the threshold carries: at most 1 - quantile of images like the calibration images are flagged."""
     n_images: int
     """Calibration images behind the threshold."""
+    asked: float | None = None
+    """train.ood_quantile, when the calibration images were too few for it (then `quantile` is lower)."""
 
     def scores(self, vectors: list[list[torch.Tensor]]) -> torch.Tensor:
         """Per member, its vectors (each (N, D_j)) -> (N,) ood_score (above 1: flagged)."""
         return torch.stack([bank.distances(v) for bank, v in zip(self.members, vectors)]).mean(0) / self.threshold
 
+    def false_flags(self) -> dict:
+        """How often images like the calibration images are flagged: at most 1 - quantile on average
+        over calibration sets; for this one set it is 1 - Beta(m, n+1-m), whose 90% range shows how
+        noisy a threshold from n images is."""
+        n = self.n_images
+        m, _ = threshold_rank(n, self.quantile)
+        low, high = realised_range(n, m)
+        return {"expected": 1.0 - m / (n + 1), "range_90": [1.0 - high, 1.0 - low]}
+
     def describe(self) -> dict:
-        return {"quantile": self.quantile, "n_images": self.n_images, "neighbours": self.members[0].k,
-                "bank_images": [int(m.vectors[0].shape[0]) for m in self.members]}
+        out = {"quantile": self.quantile, "n_images": self.n_images, "neighbours": self.members[0].k,
+               "bank_images": [int(m.vectors[0].shape[0]) for m in self.members], "false_flag_rate": self.false_flags()}
+        if self.asked is not None:
+            out["warning"] = (f"{self.n_images} calibration images are too few for train.ood_quantile={self.asked} (it needs "
+                              f"{images_needed(self.asked, central=False)}): the threshold is the largest calibration score, "
+                              f"level {self.quantile:.4g}")
+        return out
+
+    def fitted_message(self) -> str:
+        """The training log's line about the threshold."""
+        flags = self.false_flags()
+        low, high = flags["range_90"]
+        line = (f"unfamiliar-image threshold on {self.n_images} calibration images: flags about {flags['expected']:.1%} of images "
+                f"like them (for this set of calibration images between {low:.1%} and {high:.1%}, 90% range)")
+        return f"{line}; warning: {self.describe()['warning']}" if self.asked is not None else line
 
     def state(self) -> dict:
-        return {"threshold": self.threshold, "quantile": self.quantile, "n_images": self.n_images}
+        return {"threshold": self.threshold, "quantile": self.quantile, "n_images": self.n_images,
+                **({"asked": self.asked} if self.asked is not None else {})}
 
     @classmethod
     def from_state(cls, state: dict, banks: list[FeatureBank]) -> UnfamiliarImages:
         threshold = float(state["threshold"])
         if not (math.isfinite(threshold) and threshold > 0):
             raise ValueError(f"the unfamiliar-image threshold must be a positive number, got {threshold}")
-        return cls(banks, threshold, float(state["quantile"]), int(state["n_images"]))
+        asked = state.get("asked")
+        return cls(banks, threshold, float(state["quantile"]), int(state["n_images"]), float(asked) if asked is not None else None)
 
     @classmethod
     def fit(cls, banks: list[FeatureBank], scaling: list[list[torch.Tensor]], calibration: list[list[torch.Tensor]],
             quantile: float) -> UnfamiliarImages:
         """Scale each bank by the median distances of the `scaling` images (the val split), then set
         the threshold on the `calibration` images' scores: the threshold's images fit nothing else,
-        so the share of new images flagged keeps its guarantee."""
+        so the share of new images flagged keeps its guarantee. With fewer calibration images than
+        `quantile` needs, the threshold is their largest score (see threshold_rank)."""
         for bank, vectors in zip(banks, scaling):
             bank.scales = [1.0] * len(bank.vectors)
             per_kind = [FeatureBank([v], [1.0], bank.k).distances([x]) for v, x in zip(bank.vectors, vectors)]
             bank.scales = [max(float(d.median()), 1e-12) for d in per_kind]
-        model = cls(banks, 1.0, quantile, int(calibration[0][0].shape[0]))
-        model.threshold = conformal_threshold(model.scores(calibration), quantile)
+        n = int(calibration[0][0].shape[0])
+        m, level = threshold_rank(n, quantile)
+        model = cls(banks, 1.0, level, n, quantile if level != quantile else None)
+        model.threshold = max(float(model.scores(calibration).double().sort().values[m - 1]), 1e-12)
         return model

@@ -8,22 +8,25 @@ from __future__ import annotations
 
 import math
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from . import metrics  # noqa: E402
+from . import interrupts, metrics  # noqa: E402
 from . import mixture as mx  # noqa: E402
 from .calibration import Calibration, level_key  # noqa: E402
 from .errors import DataError  # noqa: E402
+from .modes import LIKELY_MASS  # noqa: E402
 from .files import atomic_writer  # noqa: E402
 
 DPI = 110
@@ -60,9 +63,11 @@ def _num(x: float | None) -> str:
 def save_figure(fig: Figure, path: Path) -> Path:
     # Written to a temp file first: `curves.png` is rewritten every epoch while a user may be
     # looking at it, and an evaluation interrupted half way should not leave a torn PNG.
-    with atomic_writer(path, "wb", durable=False) as f:
-        fig.savefig(f, format="png", dpi=DPI)
-    plt.close(fig)
+    try:
+        with atomic_writer(path, "wb", durable=False) as f:
+            fig.savefig(f, format="png", dpi=DPI)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -96,15 +101,14 @@ def reliability_figure(evaluation, images: str) -> Figure:
     """Observed coverage of the reported central intervals against their nominal level, as
     reported and before calibration."""
     m, y, calibration = evaluation.mixture, evaluation.targets, evaluation.calibration
-    reported = {"conformal": f"conformal, {calibration.n_images} calibration images", "scale": "std scale fitted on val",
-                "none": "uncalibrated"}[calibration.method]
+    reported = calibration.label
     levels = torch.linspace(0.02, 0.98, 49).tolist()
     fig, ax = plt.subplots(figsize=(5.8, 5.8), layout="constrained")
     ax.plot([0, 1], [0, 1], color="0.6", ls="--", label="perfect calibration")
-    if calibration.method != "none":
-        raw = metrics.observed_coverage(mx.cdf(evaluation.raw, y), Calibration(), levels)
+    if calibration.calibrated:
+        raw = metrics.observed_coverage(mx.cdf(evaluation.raw, y), Calibration().attach(evaluation.raw), levels)
         ax.plot(levels, raw, color="0.45", lw=1.2, label="before calibration")
-    observed = metrics.observed_coverage(mx.cdf(m, y), calibration, levels)
+    observed = metrics.observed_coverage(mx.cdf(m, y), evaluation.pred, levels)
     ax.plot(levels, observed, color=CENTRAL, lw=2, label=f"reported ({reported})")
     # The binomial noise of an observed coverage: at 40 images a 10-point gap is chance.
     se = [2 * metrics.binomial_se(p, len(y)) for p in levels]
@@ -145,7 +149,7 @@ def predicted_vs_true_figure(evaluation, images: str, label: str) -> Figure:
     n = len(y)
     level = max(evaluation.levels)
     key = level_key(level)
-    lo, hi = calibration.interval(m, level)
+    lo, hi = evaluation.pred.interval(level)
     median = mx.median(m)
     inside = (y >= lo) & (y <= hi)
     lo_f, hi_f = torch.where(torch.isfinite(lo), lo, median), torch.where(torch.isfinite(hi), hi, median)
@@ -187,19 +191,25 @@ def predicted_vs_true_figure(evaluation, images: str, label: str) -> Figure:
 
 
 def coverage_by_bin_figure(evaluation, images: str, label: str) -> Figure:
-    """Coverage of each reported interval by decile of the true value and of the predicted std,
-    with ±2 binomial standard errors and the nominal levels."""
+    """Coverage of each reported interval within quintiles of the predicted std, of the predicted
+    value and of the true value (and within each group), with ±2 binomial standard errors, the
+    nominal levels, and the homogeneity test's p-value per level in each panel's title."""
     conditional = evaluation.metrics["conditional"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True, layout="constrained")
-    panels = (("by_target", f"true {label} (equal-count bins)"), ("by_predicted_std", f"predicted std of {label} (equal-count bins)"))
-    for ax, (key, xlabel) in zip(axes, panels):
-        rows = conditional[key]
+    panels = [(key, what) for key, what in (("by_predicted_std", f"predicted std of {label}"),
+                                            ("by_predicted_value", f"predicted {label} (mean)"),
+                                            ("by_target", f"true {label}"), ("by_group", "group")) if key in conditional]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.9), sharey=True, layout="constrained", squeeze=False)
+    handles = []
+    for ax, (key, xlabel) in zip(axes[0], panels):
+        table = conditional[key]
+        rows = table["cells"]
         x = list(range(len(rows)))
         handles = []
+        tests = []
         for j, level in enumerate(evaluation.levels):
             k = level_key(level)
             cov = [r[f"coverage_{k}"] for r in rows]
-            err = [2 * metrics.binomial_se(r[f"coverage_{k}"], r["n"]) for r in rows]
+            err = [2 * r[f"se_{k}"] for r in rows]
             # Clipped to [0, 1]: with a few images per bin the normal approximation runs past both.
             yerr = [[min(e, c) for c, e in zip(cov, err)], [min(e, 1 - c) for c, e in zip(cov, err)]]
             shift = 0.12 * (j - (len(evaluation.levels) - 1) / 2)
@@ -207,16 +217,17 @@ def coverage_by_bin_figure(evaluation, images: str, label: str) -> Figure:
             handles.append(ax.errorbar([v + shift for v in x], cov, yerr=yerr, fmt="o-", ms=4, lw=1.2, capsize=2.5,
                                        color=color, label=f"{k}% interval (bars: ±2 s.e.)"))
             handles.append(ax.axhline(level, color=color, ls="--", lw=0.9, label=f"nominal {k}%"))
-        ax.set_xticks(x, [f"{r['low']:.3g}–{r['high']:.3g}" for r in rows], rotation=35, ha="right", rotation_mode="anchor",
-                      fontsize=8)
-        ax.set(xlabel=xlabel, ylim=(0, 1.04), xlim=(-0.5, len(rows) - 0.5))
+            tests.append(f"{k}%: p={table['homogeneity'][k]['p_value']:.2g}")
+        ax.set_xticks(x, [r["cell"] for r in rows], rotation=35, ha="right", rotation_mode="anchor", fontsize=8)
+        ax.set(xlabel=xlabel + ("" if key == "by_group" else " (equal-count bins)"), ylim=(0, 1.04), xlim=(-0.5, len(rows) - 0.5))
         ax.grid(axis="y", color="0.92")
         per_bin = sorted({r["n"] for r in rows})
-        ax.set_title(f"{'by the true value' if key == 'by_target' else 'by the predicted std'} "
-                     f"({per_bin[0]}{f'-{per_bin[-1]}' if len(per_bin) > 1 else ''} images per bin)", fontsize=10)
-    axes[0].set_ylabel("observed coverage")
+        ax.set_title(f"{per_bin[0]}{f'-{per_bin[-1]}' if len(per_bin) > 1 else ''} images per bin\n"
+                     f"same coverage in every bin? {', '.join(tests)}", fontsize=9)
+    axes[0][0].set_ylabel("observed coverage")
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
-    fig.suptitle(f"Coverage of the reported intervals, bin by bin ({images})", fontsize=11)
+    fig.suptitle(f"Coverage of the reported intervals, bin by bin ({images}; p: chi-square test that every bin covers alike)",
+                 fontsize=11)
     return fig
 
 
@@ -243,7 +254,7 @@ def density_figure(image, m: mx.Mixture, summary: dict, label: str, name: str) -
     levels = sorted((k.removeprefix("interval_") for k in summary if k.startswith("interval_")), key=float)
     modes = summary.get("modes") or [{"location": summary["mode"], "mass": None}]
     # Highest-density regions say more than the central intervals only for a multimodal answer.
-    multimodal = sum(1 for md in modes if (md.get("mass") or 0) >= mx.LIKELY_MASS) > 1
+    multimodal = sum(1 for md in modes if (md.get("mass") or 0) >= LIKELY_MASS) > 1
     hdr_keys = [f"hdr_{k}" for k in levels if summary.get(f"hdr_{k}")] if multimodal else []
 
     # The x range: nearly all the mass, plus everything the record reports, with a little room.
@@ -371,9 +382,11 @@ def density_plot(image, m: mx.Mixture, summary: dict, label: str, name: str, pat
     return save_figure(density_figure(image, m, summary, label, name), path)
 
 
-def write_density_plots(predictions, m: mx.Mixture, out: Path, label: str) -> list[Path]:
+def write_density_plots(predictions, m: mx.Mixture, out: Path, label: str,
+                        on_written: Callable[[Path], None] = lambda path: None) -> list[Path]:
     """One `<image stem>.png` per prediction (row i of `m` belongs to predictions[i]); `label`
-    names the target on the axes ('weight (lb)', see `checkpoint_label`)."""
+    names the target on the axes ('weight (lb)', see `checkpoint_label`). Each plot is a safe
+    point for a stop; `on_written(path)` as each is written."""
     from .images import load_rgb
 
     try:
@@ -382,9 +395,29 @@ def write_density_plots(predictions, m: mx.Mixture, out: Path, label: str) -> li
         raise DataError(f"--plot: cannot create the folder {out} ({e.strerror or type(e).__name__})") from None
     written, used = [], set()
     for i, p in enumerate(predictions):
+        interrupts.reached("plot")
+        interrupts.check()
         name = Path(p.image).stem
         while name in used:  # same file name in two folders
             name += "_"
         used.add(name)
         written.append(density_plot(load_rgb(p.image), m[i : i + 1], p.summary, label, str(p.image), out / f"{name}.png"))
+        on_written(written[-1])
     return written
+
+
+def label_histogram(targets: list[float], path: Path, label: str, source: Path) -> Path:
+    """The labels' distribution (`mdn check-data`): a histogram, the median, and the same on a log axis
+    for positive labels (where a log transform would make a skewed target symmetric)."""
+    values = torch.tensor(targets, dtype=torch.float64)
+    positive = bool((values > 0).all())
+    fig, axes = plt.subplots(1, 2 if positive else 1, figsize=(11 if positive else 6.4, 4.2), layout="constrained", squeeze=False)
+    bins = min(60, max(10, int(math.sqrt(len(values)))))
+    panels = [(axes[0][0], values.numpy(), label)] + ([(axes[0][1], values.log().numpy(), f"log {label}")] if positive else [])
+    for ax, data, xlabel in panels:
+        ax.hist(data, bins=bins, color=CENTRAL, alpha=0.85)
+        ax.axvline(float(np.median(data)), color=MEDIAN, lw=1.4, label=f"median {float(np.median(data)):.4g}")
+        ax.set(xlabel=xlabel, ylabel="images")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Labels of {source} ({len(values)} images)", fontsize=11)
+    return save_figure(fig, path)

@@ -14,10 +14,13 @@ from pathlib import Path
 
 import torch
 
+from . import interrupts
 from . import mixture as mx
-from .calibration import DEFAULT_LEVELS, Calibration, level_key
-from .dataset import ImageRegressionDataset, make_loader, resolve_num_workers
+from . import modes as md
+from .calibration import DEFAULT_LEVELS, Calibrated, Calibration, level_key
+from .dataset import ImageRegressionDataset, close_loader, make_loader, resolve_num_workers
 from .errors import CheckpointError, ConfigError, DataError
+from .files import write_text_atomic
 from .export import (
     ONNX_HELP,
     OnnxPredictor,
@@ -86,6 +89,28 @@ def collect_images(inputs: list[str]) -> tuple[list[Path], list[str]]:
     return list(found), problems
 
 
+def read_groups(path: Path) -> dict[Path, str]:
+    """`--groups FILE.csv`: columns `image` (a path relative to the file's folder) and `group`;
+    returns {resolved image path: group}."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"image", "group"} <= {n.strip() for n in reader.fieldnames}:
+                raise DataError(f"{path}: expected the columns image and group (found {', '.join(reader.fieldnames or []) or 'none'})")
+            out: dict[Path, str] = {}
+            for row in reader:
+                image, group = (row.get("image") or "").strip(), (row.get("group") or "").strip()
+                if not image:
+                    raise DataError(f"{path}:{reader.line_num}: no image in this row; write image,group")
+                if group:
+                    out[(path.parent / image).resolve()] = group
+    except FileNotFoundError:
+        raise DataError(f"{path}: --groups file not found") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: cannot read the --groups file ({e})") from None
+    return out
+
+
 def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None  # JSON has no infinity: an unbounded end is null
 
@@ -107,22 +132,24 @@ def member_moments(m: mx.Mixture, member_sizes: list[int]) -> tuple[torch.Tensor
 
 
 def summarize(
-    m: mx.Mixture,
-    calibration: Calibration,
+    pred: Calibrated,
     levels: tuple[float, ...] = DEFAULT_LEVELS,
     member_sizes: list[int] | None = None,
     ood_scores: torch.Tensor | None = None,
 ) -> list[dict]:
-    """One dict per row of `m` (the scaled mixture): summaries in target units (central intervals,
-    highest-density regions as lists of [low, high] pieces, every mode with its probability mass),
-    components in the model's target space, how the intervals were made and, with `ood_scores`,
+    """One dict per prediction: summaries in target units of the scaled mixture (mean, std, median
+    and mode of the model's own distribution with the std scale applied; central intervals and
+    highest-density regions, as lists of [low, high] pieces, at the calibrated levels; every mode
+    with its probability mass), components in the model's target space, how the intervals were
+    made (which calibration images, how many, the levels to rebuild them) and, with `ood_scores`,
     whether the image looks like the training images."""
-    mean, std, median, mode = mx.mean(m), mx.std(m), mx.median(m), mx.mode(m)
+    m = pred.mixture
+    mean, std, median, mode = mx.mean(m), mx.std(m), mx.median(m), md.mode(m)
     aleatoric, epistemic = member_moments(m, member_sizes or [m.weights.shape[1]])
-    intervals = {level: calibration.interval(m, level) for level in levels}
-    regions = {level: calibration.hdr(m, level) for level in levels}
-    modes = mx.modes(m, mx.MODE_MIN_MASS)
-    described = calibration.describe(levels)
+    intervals = {level: pred.interval(level) for level in levels}
+    regions = {level: pred.hdr(level) for level in levels}
+    modes = md.modes(m, md.MODE_MIN_MASS)
+    described = pred.describe(levels)
     member_of = [i for i, k in enumerate(member_sizes or [m.weights.shape[1]]) for _ in range(k)]
     order = torch.argsort(m.weights, dim=-1, descending=True)
     out = []
@@ -140,7 +167,7 @@ def summarize(
             for k in order[i].tolist()
         ]
         record["target_transform"] = m.transform
-        record["calibration"] = described
+        record["calibration"] = described[i]
         if ood_scores is not None:
             record["ood_score"] = float(ood_scores[i])
             record["in_distribution"] = bool(ood_scores[i] <= 1.0)
@@ -148,10 +175,10 @@ def summarize(
     return out
 
 
-def records(predictor: Predictor, predictions: Predictions, levels: tuple[float, ...] = DEFAULT_LEVELS) -> list[dict]:
+def records(predictor: Predictor, predictions: Predictions, levels: tuple[float, ...] = DEFAULT_LEVELS,
+            groups: list[str | None] | None = None) -> list[dict]:
     """The prediction records of a predictor's outputs (what `mdn predict --format json` prints)."""
-    return summarize(predictor.mixture(predictions), predictor.calibration, levels, predictor.member_sizes,
-                     predictor.ood_scores(predictions))
+    return summarize(predictor.calibrated(predictions, groups), levels, predictor.member_sizes, predictor.ood_scores(predictions))
 
 
 @dataclass
@@ -174,34 +201,40 @@ def predict_images(
     precision: str = "fp32",
     backend: str = "auto",
     log: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
+    groups: list[str | None] | None = None,
 ) -> tuple[list[Prediction], mx.Mixture | None]:
     """Batched inference over `images` with a checkpoint (.pt) or an exported model (.onnx);
     unreadable images are reported through `on_skip`. `backend`: torch, onnxruntime, or auto:
     onnxruntime for fp32 on a CPU when it is installed (faster there than PyTorch), PyTorch
-    otherwise."""
+    otherwise. `groups`: each image's group, for a model calibrated by group."""
     model = onnx_predictor_for(checkpoint, backend, device, precision, log)
     if model is not None:
         dataset = ImageRegressionDataset(images, [math.nan] * len(images), model.image_size)
-        loader = make_loader(dataset, batch_size, 0 if len(images) <= batch_size else resolve_num_workers(num_workers))
-        m, ood, indices = model.run(loader, on_skip)
+        loader = make_loader(dataset, batch_size, 0 if len(images) <= batch_size else resolve_num_workers(num_workers), name="predict")
+        try:
+            m, ood, indices = model.run(loader, on_skip)
+        finally:
+            close_loader(loader)
         if m is None:
             return [], None
         _note_uncalibrated(model.calibration, checkpoint, log)
-        summaries = summarize(m, model.calibration, levels, model.member_sizes, ood)
-        return [Prediction(str(images[i]), s, model.target) for i, s in zip(indices.tolist(), summaries)], m
+        kept = indices.tolist()
+        pred = model.calibration.attach(m, [groups[i] for i in kept] if groups else None)
+        summaries = summarize(pred, levels, model.member_sizes, ood)
+        return [Prediction(str(images[i]), s, model.target) for i, s in zip(kept, summaries)], m
     runtime = select_runtime(device, precision, what="--precision")
     predictor, _ = Predictor.from_checkpoint(checkpoint, runtime)
     predictions = predictor.run(images, runtime, batch_size=batch_size, num_workers=num_workers, on_skip=on_skip, progress=progress)
     if len(predictions.indices) == 0:
         return [], None
     _note_uncalibrated(predictor.calibration, checkpoint, log)
-    kept = [images[i] for i in predictions.indices.tolist()]
-    summaries = records(predictor, predictions, levels)
-    return [Prediction(str(p), s, predictor.target) for p, s in zip(kept, summaries)], predictor.mixture(predictions)
+    order = predictions.indices.tolist()
+    summaries = records(predictor, predictions, levels, [groups[i] for i in order] if groups else None)
+    return [Prediction(str(images[i]), s, predictor.target) for i, s in zip(order, summaries)], predictor.mixture(predictions)
 
 
 def _note_uncalibrated(calibration: Calibration, checkpoint: Path, log: Callable[[str], None]) -> None:
-    if calibration.method == "none":
+    if not calibration.calibrated:
         log(f"note: {checkpoint} is not calibrated (last.pt is written every epoch; training calibrates best.pt at "
             "its end): its intervals are the model's own, with no coverage guarantee")
 
@@ -223,8 +256,8 @@ def _interval_keys(summary: dict) -> list[str]:
 
 
 def likely_answers(summary: dict) -> list[dict]:
-    """The modes worth naming: at least mx.LIKELY_MASS of the probability each."""
-    return [mode for mode in summary.get("modes", []) if mode["mass"] >= mx.LIKELY_MASS]
+    """The modes worth naming: at least md.LIKELY_MASS of the probability each."""
+    return [mode for mode in summary.get("modes", []) if mode["mass"] >= md.LIKELY_MASS]
 
 
 def _region(pieces: list) -> str:
@@ -242,13 +275,13 @@ def _csv(predictions: list[Prediction]) -> str:
     ood = ["ood_score", "in_distribution"] if "ood_score" in first else []
     regions = [k for k in first if k.startswith("hdr_")]
     writer.writerow(["image", *SCALARS, *(f"{k}_{end}" for k in keys for end in ("low", "high")), *regions, "modes", *ood,
-                     "target_transform", "calibration", "components"])
+                     "target_transform", "calibration", "calibrated_with", "components"])
     for p in predictions:
         s = p.summary
         ends = [repr(v) if v is not None else "" for k in keys for v in s[k]]
         writer.writerow([p.image, *(repr(s[k]) for k in SCALARS), *ends, *(json.dumps(s[k]) for k in regions),
                          json.dumps(s["modes"]), *(s[k] for k in ood), s["target_transform"], s["calibration"]["method"],
-                         json.dumps(s["components"])])
+                         json.dumps(s["calibration"].get("calibrated_with", {})), json.dumps(s["components"])])
     return buffer.getvalue()
 
 
@@ -291,19 +324,33 @@ def _table(predictions: list[Prediction]) -> str:
             lines.append(f"⚠ {p.image}: unlike the images the model was trained on (ood score {p.summary['ood_score']:.2f}, "
                          "above 1 flags): its numbers may be confidently wrong")
     if predictions:
-        c = predictions[0].summary["calibration"]
-        lines.append(f"intervals: {c['guarantee']}")
-        if "warning" in c:
-            lines.append(f"warning: {c['warning']}")
+        for guarantee in dict.fromkeys(p.summary["calibration"]["guarantee"] for p in predictions):
+            lines.append(f"intervals: {guarantee}")
+        for warning, names in _grouped((p.summary["calibration"].get("warning"), p.image) for p in predictions).items():
+            lines.append(f"warning: {warning} ({_images(names)})" if len(predictions) > 1 else f"warning: {warning}")
     return "\n".join(lines) + "\n"
 
 
+def _grouped(pairs) -> dict:
+    """{key: [values]} for the pairs whose key is not None, keys in first-seen order."""
+    out: dict = {}
+    for key, value in pairs:
+        if key is not None:
+            out.setdefault(key, []).append(value)
+    return out
+
+
+def _images(names: list[str]) -> str:
+    return ", ".join(names) if len(names) <= 3 else f"{', '.join(names[:3])} and {len(names) - 3} more"
+
+
 def write_output(text: str, output: Path | None) -> None:
+    interrupts.reached("output-write")
     if output is None:
         print(text, end="")
         return
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text, encoding="utf-8")
     except OSError as e:
         raise DataError(f"{output}: cannot write output ({e.strerror})") from None
+    write_text_atomic(output, text)

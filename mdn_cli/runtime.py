@@ -1,13 +1,20 @@
-"""Device and numeric precision, decided once per command and passed down."""
+"""Device and numeric precision, decided once per command and passed down; running a module over
+batches on them (`run_model`: validation, cached features, calibration, evaluation, prediction)."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from . import interrupts
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .dataset import Batch
 
 
 @dataclass(frozen=True)
@@ -97,3 +104,47 @@ def select_runtime(device_setting: str, precision: str = "auto", what: str = "tr
     if precision == "fp16" or not bf16_native:
         return Runtime(device, torch.float16)
     return Runtime(device, torch.bfloat16)
+
+
+@dataclass
+class Outputs:
+    """A module's outputs for every image that decoded, in loader order, on the CPU."""
+
+    heads: tuple[torch.Tensor, ...]
+    """The module's outputs, float32, each with N rows."""
+    targets: torch.Tensor
+    """(N,) float64, target units."""
+    indices: torch.Tensor
+    """(N,) int64: dataset index of each row."""
+
+
+@torch.inference_mode()
+def run_model(model: torch.nn.Module, batches: Iterable[Batch], runtime: Runtime, on_skip: Callable[[str], None],
+              moment: str = "batch") -> Outputs:
+    """Run `model` over `batches` in eval mode; `on_skip(message)` for each image that did not decode.
+    Every submodule's own mode is restored afterwards (a frozen backbone stays in eval mode while
+    the head trains). Each batch is a safe point for a stop (`moment` names it for tests)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    heads: list[tuple[torch.Tensor, ...]] = []
+    targets: list[torch.Tensor] = []
+    indices: list[torch.Tensor] = []
+    try:
+        for batch in batches:
+            interrupts.reached(moment)
+            interrupts.check()
+            for message in batch.skipped:
+                on_skip(message)
+            if batch.images.shape[0] == 0:
+                continue
+            with runtime.autocast():
+                out = model(runtime.images(batch.images))
+            heads.append(tuple(o.float().cpu() for o in (out if isinstance(out, tuple) else (out,))))
+            targets.append(batch.targets)
+            indices.append(batch.indices)
+    finally:
+        for module, training in modes:
+            module.training = training
+    if not heads:
+        return Outputs((), torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.int64))
+    return Outputs(tuple(torch.cat(p) for p in zip(*heads)), torch.cat(targets), torch.cat(indices))

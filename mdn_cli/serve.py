@@ -27,19 +27,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import MutableHeaders, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
+from . import interrupts
 from .api import Model
 from .errors import MdnError
 from .images import UnreadableImageError
 
 STATIC = Path(__file__).with_name("static")
 FIELD = "file"
+GROUP_FIELD = "group"
 # Only what the page's own files need: no inline script, nothing from another origin.
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; "
@@ -63,10 +67,17 @@ class ServeSettings:
     """Most files in one request."""
     max_upload_mb: float = 20.0
     """Most bytes in one request body, in MB (10^6 bytes)."""
+    max_queue: int = 256
+    """Most images accepted and not yet answered; beyond it a request is refused with 503 and a
+    Retry-After header (a burst larger than the server can absorb waits at the client, not here)."""
+    request_timeout_s: float = 30.0
+    """Longest a client may take to send its request body: a slow or stalled upload gets 408
+    instead of holding a connection and memory for ever."""
 
     def __post_init__(self):
         for flag, value, low in (("--max-batch", self.max_batch, 1), ("--max-wait-ms", self.max_wait_ms, 0),
-                                 ("--max-files", self.max_files, 1), ("--max-upload-mb", self.max_upload_mb, 1e-6)):
+                                 ("--max-files", self.max_files, 1), ("--max-upload-mb", self.max_upload_mb, 1e-6),
+                                 ("--max-queue", self.max_queue, 1), ("--request-timeout", self.request_timeout_s, 1e-3)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= low):
                 raise ServeError(f"{flag} must be a number >= {low:g} (got {value!r})")
 
@@ -76,11 +87,12 @@ class ServeSettings:
 
 
 class Rejected(Exception):
-    """A request the server refuses: answered as {"error": message, **extra} with `status`."""
+    """A request the server refuses: answered as {"error": message, **extra} with `status`
+    (and `headers`, such as Retry-After)."""
 
-    def __init__(self, status: int, message: str, **extra):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None, **extra):
         super().__init__(message)
-        self.status, self.message, self.extra = status, message, extra
+        self.status, self.message, self.headers, self.extra = status, message, headers, extra
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,6 +102,7 @@ class Rejected(Exception):
 @dataclass
 class _Job:
     image: torch.Tensor
+    group: str | None
     future: asyncio.Future
 
 
@@ -101,11 +114,12 @@ class Batcher:
     the next batch fills up, so under load batches grow without any waiting.
     """
 
-    def __init__(self, predict: Callable[[torch.Tensor], list[dict]], max_batch: int, max_wait_ms: float):
+    def __init__(self, predict: Callable[[torch.Tensor, list[str | None]], list[dict]], max_batch: int, max_wait_ms: float):
         self.predict_batch, self.max_batch, self.max_wait = predict, max_batch, max_wait_ms / 1000
         self.forward_passes = 0
         self.images = 0
         self.largest_batch = 0
+        self.seconds = 0.0  # in forward passes, for the throughput behind Retry-After
         self._queue: asyncio.Queue[_Job] | None = None
         self._task: asyncio.Task | None = None
         self._thread: ThreadPoolExecutor | None = None
@@ -130,13 +144,17 @@ class Batcher:
         return {"forward_passes": self.forward_passes, "images": self.images, "largest_batch": self.largest_batch,
                 "max_batch": self.max_batch, "max_wait_ms": self.max_wait * 1000}
 
-    async def predict(self, images: Sequence[torch.Tensor]) -> list[dict]:
-        """Records for prepared images (each uint8 (3, S, S)), in order."""
+    def seconds_for(self, images: int) -> float:
+        """How long the model takes for `images` images at the throughput seen so far (1 s before any)."""
+        return images * self.seconds / self.images if self.images else 1.0
+
+    async def predict(self, images: Sequence[torch.Tensor], groups: Sequence[str | None]) -> list[dict]:
+        """Records for prepared images (each uint8 (3, S, S)) of the given groups, in order."""
         assert self._queue is not None, "Batcher.start() was not called"
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in images]
-        for image, future in zip(images, futures):
-            self._queue.put_nowait(_Job(image, future))
+        for image, group, future in zip(images, groups, futures):
+            self._queue.put_nowait(_Job(image, group, future))
         return list(await asyncio.gather(*futures))
 
     async def _next_batch(self) -> list[_Job]:
@@ -164,7 +182,9 @@ class Batcher:
                 continue
             try:
                 batch = torch.stack([job.image for job in jobs])
-                records = await loop.run_in_executor(self._thread, self.predict_batch, batch)
+                started = time.monotonic()
+                records = await loop.run_in_executor(self._thread, self.predict_batch, batch, [job.group for job in jobs])
+                self.seconds += time.monotonic() - started
                 if len(records) != len(jobs):
                     raise RuntimeError(f"the model answered {len(records)} records for {len(jobs)} images")
             except Exception as e:  # noqa: BLE001 - the waiting requests get the error; this loop must go on
@@ -187,7 +207,7 @@ class Batcher:
 def create_app(model: Model, settings: ServeSettings = ServeSettings()) -> FastAPI:
     """The HTTP app around a loaded model. The batcher runs while the app's lifespan does (a
     TestClient used as a context manager, or uvicorn)."""
-    batcher = Batcher(model.predict_prepared, settings.max_batch, settings.max_wait_ms)
+    batcher = Batcher(lambda batch, groups: model.predict_prepared(batch, groups=groups), settings.max_batch, settings.max_wait_ms)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -195,6 +215,7 @@ def create_app(model: Model, settings: ServeSettings = ServeSettings()) -> FastA
         app.state.decoders = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="mdn-decode")
         batcher.start()
         try:
+            interrupts.reached("serving")
             yield
         finally:
             await batcher.stop()
@@ -206,7 +227,7 @@ def create_app(model: Model, settings: ServeSettings = ServeSettings()) -> FastA
 
     @app.exception_handler(Rejected)
     async def rejected(request: Request, e: Rejected) -> JSONResponse:
-        return JSONResponse({"error": e.message, **e.extra}, status_code=e.status)
+        return JSONResponse({"error": e.message, **e.extra}, status_code=e.status, headers=e.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -233,20 +254,38 @@ def create_app(model: Model, settings: ServeSettings = ServeSettings()) -> FastA
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
+    queued = [0]  # images accepted and not yet answered
+
     @app.post("/predict")
-    async def predict(request: Request) -> JSONResponse:
-        files = await _read_files(request, settings)
-        loop = asyncio.get_running_loop()
-        decoders = request.app.state.decoders
-        prepared = await asyncio.gather(*(loop.run_in_executor(decoders, _prepare, model, data, name) for name, data in files))
-        bad = [{"image": name, "error": result} for (name, _), result in zip(files, prepared) if isinstance(result, str)]
-        if bad:
-            if len(files) == 1:
-                raise Rejected(422, bad[0]["error"], files=bad)
-            listed = "; ".join(b["error"] for b in bad)
-            raise Rejected(422, f"{len(bad)} of {len(files)} files could not be read, so none was predicted "
-                                f"(send the others without them): {listed}", files=bad)
-        records = await batcher.predict(prepared)
+    async def predict(request: Request) -> Response:
+        try:
+            files, groups = await asyncio.wait_for(_read_files(request, settings), settings.request_timeout_s)
+        except TimeoutError:
+            raise Rejected(408, f"the upload took longer than {settings.request_timeout_s:g} s; send it again on a faster "
+                                "connection, or start the server with a larger --request-timeout",
+                           headers={"Connection": "close"}) from None
+        except ClientDisconnect:
+            return Response(status_code=499)  # nobody is listening; nothing to log but the access line
+        if queued[0] + len(files) > settings.max_queue:
+            wait = max(1, math.ceil(batcher.seconds_for(queued[0])))
+            raise Rejected(503, f"the server is busy ({queued[0]} images waiting, at most {settings.max_queue}); "
+                                f"send the request again in {wait} s", headers={"Retry-After": str(wait)})
+        queued[0] += len(files)
+        try:
+            interrupts.reached("predict-request")
+            loop = asyncio.get_running_loop()
+            decoders = request.app.state.decoders
+            prepared = await asyncio.gather(*(loop.run_in_executor(decoders, _prepare, model, data, name) for name, data in files))
+            bad = [{"image": name, "error": result} for (name, _), result in zip(files, prepared) if isinstance(result, str)]
+            if bad:
+                if len(files) == 1:
+                    raise Rejected(422, bad[0]["error"], files=bad)
+                listed = "; ".join(b["error"] for b in bad)
+                raise Rejected(422, f"{len(bad)} of {len(files)} files could not be read, so none was predicted "
+                                    f"(send the others without them): {listed}", files=bad)
+            records = await batcher.predict(prepared, groups)
+        finally:
+            queued[0] -= len(files)
         return JSONResponse([_finite({"image": name, **record}) for (name, _), record in zip(files, records)])
 
     return app
@@ -276,9 +315,11 @@ class _Headers:
         await self.app(scope, receive, send_with_headers)
 
 
-async def _read_files(request: Request, settings: ServeSettings) -> list[tuple[str, bytes]]:
-    """(name, bytes) of every file field named "file", in order; refuses what is not a small
-    enough multipart upload of at most `max_files` files without reading more than the limit."""
+async def _read_files(request: Request, settings: ServeSettings) -> tuple[list[tuple[str, bytes]], list[str | None]]:
+    """(name, bytes) of every file field named "file", in order, and each file's group (text
+    fields named "group": one for every file, or one per file in order; none: no group). Refuses
+    what is not a small enough multipart upload of at most `max_files` files without reading more
+    than the limit."""
     example = f"send images as multipart/form-data fields named {FIELD!r}, e.g. curl -F {FIELD}=@photo.jpg URL/predict"
     content_type = request.headers.get("content-type", "")
     if content_type.split(";")[0].strip().lower() != "multipart/form-data":
@@ -307,7 +348,11 @@ async def _read_files(request: Request, settings: ServeSettings) -> list[tuple[s
         raise Rejected(400, f"malformed multipart body ({e.message}); {example}") from None
     try:
         files: list[tuple[str, bytes]] = []
+        groups: list[str] = []
         for key, value in form.multi_items():
+            if key == GROUP_FIELD and isinstance(value, str):
+                groups.append(value.strip())
+                continue
             if key != FIELD:
                 continue
             if not isinstance(value, UploadFile):
@@ -322,7 +367,11 @@ async def _read_files(request: Request, settings: ServeSettings) -> list[tuple[s
         others = sorted({key for key, _ in form.multi_items()} - {FIELD})
         got = f" (got fields {', '.join(map(repr, others))})" if others else ""
         raise Rejected(400, f"no {FIELD!r} field with a file in the form{got}; {example}")
-    return files
+    if len(groups) > 1 and len(groups) != len(files):
+        raise Rejected(400, f"{len(groups)} {GROUP_FIELD!r} fields for {len(files)} files; send one group for all the files, "
+                            "or one per file in the order of the files")
+    per_file: list[str | None] = (groups * len(files) if len(groups) == 1 else groups) or [None] * len(files)
+    return files, [g or None for g in per_file]
 
 
 def _prepare(model: Model, data: bytes, name: str) -> torch.Tensor | str:
@@ -385,8 +434,6 @@ def url_of(sock: socket.socket) -> str:
 def in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
     """Serve `app` from a background thread while the block runs (tests, notebooks, scripts);
     yields its URL."""
-    import uvicorn
-
     sock = bind(host, port)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="mdn-serve", daemon=True)
@@ -407,17 +454,31 @@ def serve(checkpoint: Path, host: str = "127.0.0.1", port: int = 8000, device: s
           settings: ServeSettings = ServeSettings(), log: Callable[[str], None] = print, backend: str = "auto") -> None:
     """Load the checkpoint and serve until Ctrl-C (or SIGTERM). Raises MdnError subclasses
     (address in use, unreadable checkpoint) before anything is served."""
-    import uvicorn
-
     sock = bind(host, port)
     try:
         model = Model.load(checkpoint, device, backend=backend, log=log)
         app = create_app(model, settings)
+        interrupts.reached("model-loaded")
+        interrupts.check()
         d = model.describe()
         members = " + ".join(f"{m['backbone']} ({m['components']} components)" for m in d["members"])
         device = "cpu" if model.onnx is not None else model.runtime.device
         log(f"serving {checkpoint} ({members}, {device}, {model.backend}) "
             f"at {url_of(sock)}  (Ctrl-C to stop)")
-        uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_keep_alive=30)).run(sockets=[sock])
+        # uvicorn's own handlers stop it gracefully (no new connections, in-flight requests finished,
+        # slow uploads cut by --request-timeout), then hand the signal back to mdn's.
+        _Server(uvicorn.Config(app, log_level="info", timeout_keep_alive=30,
+                               timeout_graceful_shutdown=settings.request_timeout_s + 30)).run(sockets=[sock])
     finally:
         sock.close()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, told at once about a stop asked for before its own signal handlers were in place."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            if interrupts.requested():
+                self.should_exit = True
+            yield

@@ -103,20 +103,21 @@ def split_counts(splits: list[str]) -> str:
     return " / ".join(f"{splits.count(s)} {s}" for s in SPLITS)
 
 
-def write_splits(path: Path, examples: list[Example], splits: list[str], target_column: str) -> None:
+def write_splits(path: Path, examples: list[Example], splits: list[str], target_column: str, group_column: str | None = None) -> None:
     """splits.csv in the run folder: the exact images, targets (under the labels file's own column
-    name) and splits of the run."""
+    name), splits and, with data.group_column, groups of the run."""
     with atomic_writer(path, newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["image", target_column, "split"])
+        writer.writerow(["image", target_column, "split", *([group_column] if group_column else [])])
         for example, split in zip(examples, splits):
-            writer.writerow([example.image, repr(example.target), split])
+            writer.writerow([example.image, repr(example.target), split, *([example.group or ""] if group_column else [])])
 
 
 def read_splits(path: Path, root: Path, data: dict) -> list[Example]:
     """The examples a run recorded in its splits.csv (images under `root`); `data`: the run's
-    config data section (the target column and transform)."""
-    return read_labels(path, root, "image", data["target_column"], "split", data["target_transform"]).examples
+    config data section (the target column and transform, the group column)."""
+    return read_labels(path, root, "image", data["target_column"], "split", data["target_transform"],
+                       data.get("group_column")).examples
 
 
 def describe_changes(recorded: list[Example], current: list[Example]) -> str | None:

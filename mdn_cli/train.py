@@ -12,9 +12,11 @@ shows progress and writes files (see distributed.py).
 
 from __future__ import annotations
 
+import copy
 import csv
 import gc
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -24,9 +26,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from . import interrupts, started_at
 from .backbones import check_image_size, get_backbone
 from .cache import DecodedCache, cache_directory
 from .calibrate import calibrate_checkpoint
+from .calibration import METHODS
+from .check_data import cross_split_copies
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, target_label, to_yaml
 from .curves import TENSORBOARD_FOLDER, tensorboard_log, write_curves
@@ -34,6 +39,7 @@ from .dataset import (
     Augment,
     ImageRegressionDataset,
     SeededSampler,
+    close_loader,
     make_loader,
     resolve_num_workers,
 )
@@ -52,8 +58,9 @@ from .engine import (
     validate_epoch,
 )
 from .errors import ConfigError, DataError, TrainingError
+from .eta import RunEstimate, duration
 from .features import cached_features
-from .files import atomic_writer, interrupts_held, write_text_atomic
+from .files import atomic_writer, write_text_atomic
 from .labels import Example, read_labels
 from .model import MDNRegressor, ModelArgs
 from .run_folder import lock_run_dir, prepare_run_dir
@@ -91,8 +98,10 @@ def model_args(cfg: Config) -> ModelArgs:
     )
 
 
-def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, log: Callable[[str], None] = tqdm.write) -> Path:
-    """Train a model as configured; returns the run folder."""
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, log: Callable[[str], None] = tqdm.write,
+          reasons: dict[str, str] | None = None, header: str | None = None) -> Path:
+    """Train a model as configured; returns the run folder. `reasons` and `header`: comments for the
+    run's config.yaml (what the planner chose and why)."""
     cfg = cfg.model_copy(deep=True)
     cfg.data.root = str(Path(cfg.data.root).resolve())  # the checkpoint must find its data from anywhere
     args = model_args(cfg)  # every name in the config is checked before anything is written
@@ -108,7 +117,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, log: Ca
             lock = lock_run_dir(run_dir)
             prepare_run_dir(run_dir, cfg, resume, overwrite, log)
         dist.barrier()
-        return Training(cfg, args, run_dir, runtime, dist, resume, log if dist.is_main else _quiet).run()
+        training = Training(cfg, args, run_dir, runtime, dist, resume, log if dist.is_main else _quiet)
+        training.comments = (reasons, header)
+        return training.run()
     finally:
         if lock is not None:
             lock.release()
@@ -122,6 +133,8 @@ class RunData:
     examples: list[Example]
     splits: list[str]
     labels_sha256: str | None
+    rows: int = 0
+    """Rows of the labels file (0: read back from splits.csv on --resume)."""
 
     def split(self, name: str) -> list[Example]:
         return [e for e, s in zip(self.examples, self.splits) if s == name]
@@ -136,7 +149,7 @@ def prepare_data(cfg: Config, run_dir: Path, resume: bool, previous_sha256: str 
         recorded = read_splits(run_dir / SPLITS_FILE, root, cfg.data.model_dump())
         try:
             labels = read_labels(where, root, cfg.data.image_column, cfg.data.target_column, cfg.data.split_column,
-                                 cfg.data.target_transform)
+                                 cfg.data.target_transform, cfg.data.group_column)
             sha256 = labels.sha256
             changes = describe_changes(recorded, labels.examples) if sha256 != previous_sha256 else None
             if changes:
@@ -147,14 +160,20 @@ def prepare_data(cfg: Config, run_dir: Path, resume: bool, previous_sha256: str 
             log(f"note: the labels file cannot be read now ({str(e).splitlines()[0]}); resuming from {run_dir / SPLITS_FILE}")
         return RunData(recorded, [e.split for e in recorded], sha256)  # type: ignore[misc]
     labels = read_labels(where, root, cfg.data.image_column, cfg.data.target_column, cfg.data.split_column,
-                         cfg.data.target_transform)
+                         cfg.data.target_transform, cfg.data.group_column)
     for note in labels.notes:
         log(f"note: {note}")
     d = cfg.data
     plan = assign_splits(labels.examples, root, d.val_fraction, d.calibration_fraction, d.test_fraction, d.split_seed)
     if plan.note:
         log(f"note: {plan.note}")
-    return RunData(labels.examples, plan.splits, labels.sha256)
+    leaks = cross_split_copies(labels.examples, plan.splits)
+    if leaks:
+        shown = "; ".join(f"{a.image} ({sa}) = {b.image} ({sb})" for a, b, sa, sb in leaks[:3])
+        log(f"warning: {len(leaks)} photos have an exact copy in another split ({shown}{'; ...' if len(leaks) > 3 else ''}): "
+            f"a copy in train makes every score of the other split optimistic. `mdn check-data {where}` lists them all "
+            "(and near copies); remove one of each pair")
+    return RunData(labels.examples, plan.splits, labels.sha256, labels.rows)
 
 
 class Training:
@@ -170,24 +189,45 @@ class Training:
         self.epoch = 0  # epochs completed
         self.history: list[dict] = []
         self.best_val = math.inf
-        self.selection = "val_nll" if cfg.train.calibration == "none" else "val_nll_calibrated"
+        self.selection = "val_nll_calibrated" if METHODS[cfg.train.calibration].scales else "val_nll"
         self._trainable: tuple[str, nn.Module] | None = None
         self._feature_loaders: dict[str, torch.utils.data.DataLoader] = {}
+        self.estimate: RunEstimate | None = None
+        self.comments: tuple[dict[str, str] | None, str | None] = (None, None)  # reasons and header for config.yaml
         # TensorBoard (run.tensorboard): made here, so that a missing package stops the run before it trains.
         self.tensorboard = tensorboard_log(run_dir / TENSORBOARD_FOLDER, dist.is_main) if cfg.run.tensorboard else None
 
     def run(self) -> Path:
-        self.setup()
-        for epoch in range(self.epoch, self.cfg.train.epochs):
-            if self.should_stop():
-                break
-            started = time.perf_counter()
-            fit = self.fit(epoch)
-            val = self.validate(epoch)
-            self.end_epoch(epoch, fit, val, time.perf_counter() - started)
+        try:
+            # Under torchrun, processes stop together: at training steps and epoch ends, which all reach.
+            with interrupts.collective(self.dist.enabled):
+                self.setup()
+                if self.epoch < self.cfg.train.epochs:
+                    self.estimate = self.probe()
+                for epoch in range(self.epoch, self.cfg.train.epochs):
+                    self.dist.check_stop()
+                    if self.should_stop():
+                        break
+                    started = time.perf_counter()
+                    fit = self.fit(epoch)
+                    val = self.validate(epoch)
+                    seconds = time.perf_counter() - started
+                    if self.estimate is not None:
+                        self.estimate.finished_epoch(self.frozen(epoch), seconds)
+                    self.end_epoch(epoch, fit, val, seconds)
+                    interrupts.reached("epoch-end")
+                self.dist.check_stop()
+        finally:
+            self.close()
         if self.dist.is_main:
             self.finish()
         return self.run_dir
+
+    def close(self) -> None:
+        """Stop the image loaders' worker processes (they otherwise live as long as the loaders)."""
+        for loader in (getattr(self, "train_loader", None), getattr(self, "val_loader", None)):
+            if loader is not None:
+                close_loader(loader)
 
     # --- setup --------------------------------------------------------------------------------
 
@@ -198,12 +238,15 @@ class Training:
         self.batch_size = cfg.train.batch_size // dist.world_size  # per process; the global batch is train.batch_size
         previous = load_checkpoint(self.run_dir / "last.pt") if self.resume else None
         self.data = prepare_data(cfg, self.run_dir, self.resume, (previous or {}).get("data", {}).get("labels_sha256"), self.log)
+        interrupts.reached("labels-read")
+        interrupts.check()
         check_split_sizes(self.data.splits, cfg.train.batch_size, labels_path(cfg))
         train_targets = torch.tensor([e.target for e in self.data.split("train")], dtype=torch.float64)
         self.targets = TargetScaler.fit(train_targets, cfg.data.target_transform)
         self.num_workers = resolve_num_workers(cfg.data.num_workers)
         self.make_image_loaders()
 
+        interrupts.check()
         torch.manual_seed(cfg.run.seed)  # initialisation; batches, augmentation and dropout have their own seeds
         model = MDNRegressor(self.args, pretrained=False if self.resume else cfg.model.pretrained)
         model.head.init_spread(self.targets.encode(train_targets))
@@ -215,9 +258,11 @@ class Training:
         self.segments = [Segment(0, cfg.train.epochs, cfg.train.warmup_epochs)]
         if previous is not None:
             self.load_training_state(previous)
+        interrupts.reached("model-built")
+        interrupts.check()
         if dist.is_main and not self.resume:  # once the model is built: its weights file, if any, has loaded
-            write_splits(self.run_dir / SPLITS_FILE, self.data.examples, self.data.splits, cfg.data.target_column)
-            write_text_atomic(self.run_dir / "config.yaml", to_yaml(cfg))
+            write_splits(self.run_dir / SPLITS_FILE, self.data.examples, self.data.splits, cfg.data.target_column, cfg.data.group_column)
+            write_text_atomic(self.run_dir / "config.yaml", to_yaml(cfg, *self.comments))
         self.scheduler = make_scheduler(self.optimizer, self.segments, self.steps_per_epoch)
         if previous is not None:  # after the scheduler, which sets every group's lr when it is made
             self.optimizer.load_state_dict(previous["optimizer"])
@@ -229,6 +274,8 @@ class Training:
             f"training {cfg.model.backbone} + {cfg.model.components}-component MDN on {self.runtime.device} "
             f"({self.runtime.precision}{f', {dist.world_size} processes' if dist.enabled else ''}): "
             f"{split_counts(self.data.splits)} images at {self.args.image_size}px, {self.num_workers} loader workers"
+            + (f" ({self.data.rows - len(self.data.examples)} of the labels file's {self.data.rows} rows skipped: repeats)"
+               if self.data.rows > len(self.data.examples) else "")
         )
 
     def make_image_loaders(self) -> None:
@@ -245,9 +292,10 @@ class Training:
         self.sampler = SeededSampler(n_train, True, cfg.run.seed, dist.rank, dist.world_size)
         augment = Augment(flip=cfg.data.flip, shift=cfg.data.shift)
         pin = self.runtime.pin_memory
-        self.train_loader = make_loader(dataset("train", augment), self.batch_size, self.num_workers, self.sampler, drop_last=True, pin_memory=pin)
+        self.train_loader = make_loader(dataset("train", augment), self.batch_size, self.num_workers, self.sampler, drop_last=True, pin_memory=pin,
+                                        name="train")
         val_share = list(range(dist.rank, len(self.data.split("val")), dist.world_size))
-        self.val_loader = make_loader(dataset("val"), self.batch_size, self.num_workers, val_share, pin_memory=pin)
+        self.val_loader = make_loader(dataset("val"), self.batch_size, self.num_workers, val_share, pin_memory=pin, name="val")
         self.steps_per_epoch = len(self.train_loader)
 
     def load_training_state(self, state: dict) -> None:
@@ -279,6 +327,57 @@ class Training:
                      "on its original schedule (the learning rate will not have decayed to zero)")
 
     # --- per epoch ----------------------------------------------------------------------------
+
+    def probe(self, steps: int = 4) -> RunEstimate:
+        """Time a few real steps on a copy of the model (the run itself is untouched) and estimate
+        the whole run from them (eta.py); says so in the log."""
+        cfg, model = self.cfg, copy.deepcopy(self.model)
+        set_train_mode(model, False, cfg.train.batch_size)
+        optimizer = make_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.backbone_lr_scale)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1e-3)  # small steps: the copy is thrown away
+        scaler = torch.amp.GradScaler(self.runtime.device.type, enabled=self.runtime.needs_grad_scaler)
+
+        def fitter(module: nn.Module) -> Fitter:
+            return Fitter(module, optimizer, scheduler, scaler, self.targets, self.runtime, self.dist, dropout=self.args.dropout,
+                          feature_dim=model.feature_dim, grad_clip=cfg.train.grad_clip, min_batch=2 if batchnorm_trains(model) else 1)
+
+        whole, times, batch = fitter(model), [], None
+        started = time.perf_counter()
+        for i, batch in enumerate(self.train_loader):  # the real loader: decoding, workers and all
+            whole.step(batch)
+            times.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            if i >= steps:
+                break
+        step_s = statistics.median(times[1:] or times)
+        per_image, head_step_s = step_s / (3 * cfg.train.batch_size), 0.0  # without a readable image to time: a guess
+        if batch is not None and len(batch.images):
+            with torch.inference_mode():
+                images = self.runtime.images(batch.images)
+                started = time.perf_counter()
+                features = model.eval().features(images)
+                per_image = (time.perf_counter() - started) / len(images)
+            set_train_mode(model, True, cfg.train.batch_size)
+            started = time.perf_counter()
+            fitter(model.head).step(replace(batch, images=features.float().cpu()))
+            head_step_s = time.perf_counter() - started
+        del model, optimizer, whole
+        counts = {name: len(self.data.split(name)) for name in ("train", "val", "calibration", "test")}
+        head_epochs = cfg.train.epochs if cfg.model.freeze_backbone else min(cfg.train.unfreeze_after or 0, cfg.train.epochs)
+        load_s = step_s / 3  # what a forward pass through the loader costs against a training step, about (decode + forward)
+        estimate = RunEstimate(
+            epochs=cfg.train.epochs, head_epochs=head_epochs, started_epoch=self.epoch,
+            full_epoch_s=self.steps_per_epoch * step_s + counts["val"] * (per_image + load_s / cfg.train.batch_size),
+            head_epoch_s=self.steps_per_epoch * head_step_s,
+            features_s=(counts["train"] + counts["val"]) * (per_image + load_s / cfg.train.batch_size) if head_epochs else 0.0,
+            # the feature bank (up to 2048 train images), val and calibration, then the test split: forward passes
+            after_s=(min(counts["train"], 2048) + counts["val"] + counts["calibration"] + counts["test"]) * 1.5 * per_image + 5.0,
+        )
+        stopping = "; early stopping can end it sooner" if cfg.train.early_stopping_patience else ""
+        self.log(f"estimated time for the whole run: {duration(time.monotonic() - started_at + estimate.total())} "
+                 f"({cfg.train.epochs - self.epoch} epochs of {self.steps_per_epoch} steps at {step_s:.2f} s a step, timed on this "
+                 f"machine, then calibration and the test split{stopping})")
+        return estimate
 
     def frozen(self, epoch: int) -> bool:
         return self.cfg.model.freeze_backbone or (self.cfg.train.unfreeze_after is not None and epoch < self.cfg.train.unfreeze_after)
@@ -339,7 +438,8 @@ class Training:
             dropout=self.args.dropout, feature_dim=self.model.feature_dim, grad_clip=self.cfg.train.grad_clip,
             min_batch=2 if batchnorm_trains(self.model) else 1,
         )
-        fit = fit_epoch(fitter, train_loader, self.on_skip, f"epoch {epoch + 1}/{self.cfg.train.epochs}")
+        left = f" (run: ~{duration(self.estimate.remaining(epoch))} left)" if self.estimate is not None else ""
+        fit = fit_epoch(fitter, train_loader, self.on_skip, f"epoch {epoch + 1}/{self.cfg.train.epochs}{left}")
         if fit.steps == 0:
             raise TrainingError(
                 f"epoch {epoch + 1} took no optimisation step: "
@@ -389,6 +489,7 @@ class Training:
             f"(calibrated {val.nll_calibrated:.4f})  val MAE {val.mae:.4g}  lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s"
             f"{'  (head only)' if self.frozen(epoch) else ''}{f'  ({fit.bad_steps} NaN steps skipped)' if fit.bad_steps else ''}"
             f"{'  *best' if improved else ''}"
+            f"{f'  (run: ~{duration(self.estimate.remaining(epoch + 1))} left)' if self.estimate is not None else ''}"
         )
 
     def model_state(self) -> dict:
@@ -417,7 +518,7 @@ class Training:
     def write_epoch(self, improved: bool) -> None:
         """best.pt, last.pt and metrics.csv of one epoch, written together (Ctrl-C waits for all three)."""
         state = self.model_state()
-        with interrupts_held():
+        with interrupts.interrupts_held():
             if improved:
                 save_checkpoint(state, self.run_dir / "best.pt")
             save_checkpoint({**state, **self.training_state()}, self.run_dir / "last.pt")
@@ -442,10 +543,14 @@ class Training:
 
     def finish(self) -> None:
         best_path = self.run_dir / "best.pt"
+        interrupts.reached("calibration")
+        interrupts.check()
         splits = {name: self.data.split(name) for name in ("train", "val", "calibration")}
         calibrate_checkpoint(best_path, self.cfg.train.calibration, splits, self.runtime, self.num_workers, self.log,
                              on_skip=self.on_skip, ood_quantile=self.cfg.train.ood_quantile)
         if self.data.split("test"):
+            interrupts.reached("evaluation")
+            interrupts.check()
             from .evaluate import (  # the same code as `mdn evaluate`
                 evaluate,
                 format_metrics,

@@ -49,6 +49,10 @@ COLOUR_COEF = 3.0
 BREED_SHIFT = 5.0
 NOISE_STD_BASE = 0.4
 NOISE_STD_SIZE = 0.8
+# With --groups: an invisible "site" column, A or B (p = 0.5 each); site B weighs its puppies on a
+# worse scale, which adds N(0, SITE_B_EXTRA_STD^2) to the label. The image cannot tell the sites
+# apart, so only a calibration by group can give each site the coverage it is promised.
+SITE_B_EXTRA_STD = 1.5
 
 
 def true_mixture(s: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -168,11 +172,12 @@ def _render_image(rng: np.random.Generator, s: float, c: float, size: int) -> np
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
-def make_toy_dataset(out: Path, n: int = 2000, seed: int = 0, size: int = 64) -> Path:
+def make_toy_dataset(out: Path, n: int = 2000, seed: int = 0, size: int = 64, groups: bool = False) -> Path:
     """Write the toy dataset to ``out`` and return the path of ``labels.csv``.
 
     Deterministic given ``seed``.  An existing ``out/images`` folder is emptied first
-    so that it matches ``labels.csv`` exactly.
+    so that it matches ``labels.csv`` exactly. ``groups``: add the ``site`` column (see
+    SITE_B_EXTRA_STD); the images and the other labels' randomness are the same as without it.
     """
     n = int(n)
     size = int(size)
@@ -205,11 +210,18 @@ def make_toy_dataset(out: Path, n: int = 2000, seed: int = 0, size: int = 64) ->
         arr = _render_image(rng, float(s[i]), float(c[i]), size)
         Image.fromarray(arr).save(out / names[i], format="PNG")
 
+    site = np.array(["A"] * n)
+    if groups:  # drawn after every image, so that the images and the other labels stay as without groups
+        site = np.where(rng.integers(0, 2, size=n) == 1, "B", "A")
+        extra = rng.normal(0.0, SITE_B_EXTRA_STD, size=n)
+        weight = np.where(site == "B", np.maximum(weight + extra, 0.1), weight)
+        std = np.where(site == "B", np.sqrt(std**2 + SITE_B_EXTRA_STD**2), std)
+
     labels_path = out / "labels.csv"
     with open(labels_path, "w", encoding="utf-8", newline="\n") as f:
-        f.write("image,weight\n")
-        for name, w in zip(names, weight):
-            f.write(f"{name},{w:.4f}\n")
+        f.write("image,weight,site\n" if groups else "image,weight\n")
+        for name, w, g in zip(names, weight, site):
+            f.write(f"{name},{w:.4f},{g}\n" if groups else f"{name},{w:.4f}\n")
 
     with open(out / "truth.csv", "w", encoding="utf-8", newline="\n") as f:
         f.write("image,weight_1,mean_1,std_1,weight_2,mean_2,std_2\n")
@@ -238,6 +250,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=2000, help="number of images (default 2000)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    p.add_argument("--groups", action="store_true",
+                   help=f"add an invisible 'site' column (A/B); site B's labels carry N(0, {SITE_B_EXTRA_STD}^2) more noise")
     return p
 
 
@@ -250,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--size must be >= {MIN_SIZE} (got {args.size})")
     if args.seed < 0:
         parser.error(f"--seed must be >= 0 (got {args.seed})")
-    labels = make_toy_dataset(args.out, n=args.n, seed=args.seed, size=args.size)
+    labels = make_toy_dataset(args.out, n=args.n, seed=args.seed, size=args.size, groups=args.groups)
     print(f"Wrote {args.n} images ({args.size}x{args.size}) to {args.out} (labels: {labels})")
     return 0
 

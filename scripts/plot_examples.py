@@ -21,6 +21,7 @@ import torch
 from mdn_cli import metrics
 from mdn_cli import mixture as mx
 from mdn_cli.calibration import DEFAULT_LEVELS, Calibration, level_key
+from mdn_cli.calibration.scale import StdScale
 from mdn_cli.evaluate import Evaluation
 from mdn_cli.labels import Example
 from mdn_cli.predict import summarize
@@ -43,15 +44,11 @@ def synthetic_evaluation(n: int, transform: str = "none", seed: int = 0) -> Eval
     if transform == "log":  # the same answer as a mixture of log-normals
         stds, means = stds / means, means.log()
     raw = mx.Mixture(torch.full((n, 2), 0.5), means, stds, transform)
-    calibration = Calibration("scale", 1.2, n)
-    m = raw.scaled(1.2)
-    result = metrics.score(m, y, calibration, DEFAULT_LEVELS)
-    result["conditional"] = {
-        "by_target": metrics.conditional_coverage(m, y, calibration, y),
-        "by_predicted_std": metrics.conditional_coverage(m, y, calibration, mx.std(m)),
-    }
+    pred = Calibration("scale", StdScale.constant_factor(1.2, n)).apply(raw)
+    result = metrics.score(pred, y, DEFAULT_LEVELS)
+    result["conditional"] = metrics.conditional_coverage(pred, y)
     examples = [Example(f"images/{i:05d}.png", Path(f"/data/images/{i:05d}.png"), float(v), "test", i + 2) for i, v in enumerate(y.tolist())]
-    return Evaluation(result, examples, m, raw, calibration)
+    return Evaluation(result, examples, pred, raw)
 
 
 def grid_regions(m: mx.Mixture, levels=DEFAULT_LEVELS) -> dict:
@@ -99,7 +96,7 @@ def synthetic_prediction(kind: str) -> tuple[np.ndarray, mx.Mixture, dict]:
     w, mu, s, transform = mixtures[kind]
     m = mx.Mixture(torch.tensor(w), torch.tensor(mu), torch.tensor(s), transform)
     ood = torch.tensor([2.4 if kind == "unfamiliar" else 0.3], dtype=torch.float64)
-    record = summarize(m, Calibration(), DEFAULT_LEVELS, ood_scores=ood)[0]
+    record = summarize(Calibration().attach(m), DEFAULT_LEVELS, ood_scores=ood)[0]
     if kind != "unimodal":
         record.update(grid_regions(m))
     return blob_image(seed=len(kind)), m, record

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import tempfile
 from pathlib import Path
 
@@ -60,21 +59,19 @@ def write_config(path: Path, data_root: Path, out_dir: Path, **sections) -> Path
     return path
 
 
-def train_until(config: Path, marker: Path, signum: int = signal.SIGINT, poll: float = 0.05) -> tuple[int, str]:
-    """Run `mdn train CONFIG` in a real process, send it `signum` (SIGKILL included) once `marker`
-    exists (or at once if the process ends first, or after 300 s); returns its exit code and stderr."""
-    with tempfile.TemporaryFile("w+") as stderr:  # a file, not a pipe: progress bars never fill it and block the run
-        proc = subprocess.Popen([sys.executable, "-m", "mdn_cli", "train", str(config)], stdout=subprocess.DEVNULL, stderr=stderr)
-        try:
-            deadline = time.monotonic() + 300
-            while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(poll)
-            proc.send_signal(signum)
-            proc.wait(timeout=120)
-        finally:
-            proc.kill()  # a no-op once it ended
-        stderr.seek(0)
-        return proc.returncode, stderr.read()
+def run_until(args: list, moment: str, signum: int = signal.SIGINT, env: dict | None = None) -> tuple[int, str]:
+    """Run `mdn ARGS` in a real process that sends itself `signum` (SIGKILL included) when it reaches
+    `moment` (`interrupts.reached`: a name, `name#n` for its n-th time, or several, comma-separated):
+    the signal lands exactly there, however fast or busy the machine. Returns the exit code and stderr."""
+    signal_env = {"MDN_TEST_SIGNAL_AT": moment, "MDN_TEST_SIGNAL": signal.Signals(signum).name.removeprefix("SIG")}
+    result = subprocess.run([sys.executable, "-m", "mdn_cli", *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, **(env or {}), **signal_env})
+    return result.returncode, result.stderr
+
+
+def train_until(config: Path, moment: str, signum: int = signal.SIGINT) -> tuple[int, str]:
+    """`mdn train CONFIG`, signalled at `moment` (see run_until)."""
+    return run_until(["train", config], moment, signum)
 
 
 @pytest.fixture
@@ -82,15 +79,24 @@ def tiny_config(tmp_path, toy_data) -> Path:
     return write_config(tmp_path / "config.yaml", toy_data, tmp_path / "runs")
 
 
+# The hang guard's limit. It is not a performance budget: the operations it guards take
+# milliseconds, so only a true hang (an endless loop on hostile input) can reach it, however slow
+# or loaded the machine.
+HANG_S = 600
+
+
 @contextlib.contextmanager
-def within(seconds: float):
-    """Fail instead of hanging: SIGALRM interrupts a pure-Python loop (the YAML parser is one)."""
+def within(seconds: float = HANG_S):
+    """A hang guard: fail instead of hanging forever. SIGALRM interrupts a pure-Python loop (the YAML
+    parser is one) once `seconds` (HANG_S: orders of magnitude above the guarded work's real cost)
+    have gone by, so it fires on a true hang and never on a merely slow machine. Callers pass no
+    argument."""
     if not hasattr(signal, "setitimer"):  # Windows: no alarm; the test still runs, unbounded
         yield
         return
 
     def on_alarm(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s")
+        raise TimeoutError(f"still running after {seconds} s: a hang")
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, seconds)

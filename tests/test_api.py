@@ -78,7 +78,7 @@ def test_one_model_shared_by_threads_gives_the_answers_of_one_thread(tmp_path, t
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=120)
+        t.join()
     assert sorted(results) == [0, 1, 2, 3]
     for got in results.values():
         for a, b in zip(got, expected):

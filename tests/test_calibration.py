@@ -1,20 +1,22 @@
-"""Post-hoc calibration: the std scale, and the split-conformal guarantee (proved by hand-computed
-order statistics and by simulation, not asserted)."""
+"""Post-hoc calibration (mdn_cli/calibration/): the std scales, the split-conformal maths (hand-computed
+order statistics, simulations of the guarantee), and the conditional method's promise cell by
+cell and group by group, with crepes as an independent oracle for the Mondrian interval ends."""
 
 import math
 
 import pytest
 import torch
 
+from mdn_cli import calibration as cal
 from mdn_cli import mixture as mx
-from mdn_cli.calibration import (
-    Calibration,
-    conformal_ranks,
-    fit_sigma_scale,
-    images_needed,
-    level_key,
-)
-from mdn_cli.metrics import score
+from mdn_cli import modes as md
+from mdn_cli.calibration import Calibration, FitData, level_key
+from mdn_cli.calibration.cells import MIN_IMAGES, CellScores, Taxonomy, bins_for
+from mdn_cli.calibration.levels import beta_quantile, central_ranks, images_needed, realised_range
+from mdn_cli.calibration.scale import StdScale, fit_constant, fit_covariates
+from mdn_cli.metrics import coverage_by, equal_count_bins, homogeneity, score
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def overconfident(n: int, seed: int, true_std: float = 2.0):
@@ -28,21 +30,27 @@ def overconfident(n: int, seed: int, true_std: float = 2.0):
     return mx.Mixture(weights, means, stds), y
 
 
-def conformal(m: mx.Mixture, y: torch.Tensor) -> Calibration:
-    return Calibration("conformal", 1.0, 0, mx.cdf(m, y).sort().values)
+def marginal(pit: torch.Tensor, hdr: torch.Tensor | None = None) -> Calibration:
+    """A marginal conformal calibration from given scores (no std scale)."""
+    hdr = pit if hdr is None else hdr
+    return Calibration("marginal", StdScale(), Taxonomy(), CellScores(all_pit=pit.sort().values, all_hdr=hdr.sort().values))
 
 
-def test_scale_recovers_the_true_spread_and_lowers_nll():
+def one_gaussian(n: int, transform: str = "none") -> mx.Mixture:
+    return mx.Mixture(torch.ones(n, 1), torch.zeros(n, 1), torch.ones(n, 1), transform)
+
+
+def test_constant_scale_recovers_the_true_spread_and_lowers_nll():
     m, y = overconfident(4000, 0)
-    fit = fit_sigma_scale(m, y)
-    assert abs(fit.scale - 2.0) < 0.1
-    assert fit.nll_after < fit.nll_before - 0.1
-    assert abs(score(m.scaled(fit.scale), y, Calibration())["coverage_95"] - 0.95) < 0.02
+    fit = fit_constant(m, y)
+    assert abs(math.exp(fit.coef[0]) - 2.0) < 0.1
+    assert float(-mx.log_prob(fit.apply(m), y).mean()) < float(-mx.log_prob(m, y).mean()) - 0.1
+    assert abs(score(Calibration().attach(fit.apply(m)), y)["coverage_95"] - 0.95) < 0.02
 
 
-def test_scale_leaves_a_calibrated_model_alone():
+def test_constant_scale_leaves_a_calibrated_model_alone():
     m, y = overconfident(4000, 1, true_std=1.0)
-    assert abs(fit_sigma_scale(m, y).scale - 1.0) < 0.05
+    assert abs(math.exp(fit_constant(m, y).coef[0]) - 1.0) < 0.05
 
 
 # --- the order statistic, by hand --------------------------------------------------------------
@@ -66,14 +74,14 @@ def test_scale_leaves_a_calibrated_model_alone():
         (199, 0.99, 1, 199),  # 198 exactly
     ],
 )
-def test_conformal_ranks_by_hand(n, level, j, k):
-    assert conformal_ranks(n, level) == (j, k)
+def test_central_ranks_by_hand(n, level, j, k):
+    assert central_ranks(n, level) == (j, k)
 
 
 def test_coverage_is_exactly_m_over_n_plus_1_and_within_the_bounds():
     for n in (1, 2, 5, 19, 20, 39, 40, 99, 100, 511, 512, 1000):
         for level in (0.1, 0.5, 0.6827, 0.8, 0.9, 0.95, 0.99):
-            j, k = conformal_ranks(n, level)
+            j, k = central_ranks(n, level)
             assert level <= (k - j) / (n + 1) < level + 1 / (n + 1)
             assert 0 <= j and k <= n + 1
             assert (n + 1 - k) - j in (0, 1)  # tails as even as ranks allow
@@ -82,24 +90,35 @@ def test_coverage_is_exactly_m_over_n_plus_1_and_within_the_bounds():
 @pytest.mark.parametrize("level, needed", [(0.5, 3), (0.6827, 6), (0.9, 19), (0.95, 39), (0.99, 199)])
 def test_images_needed_for_finite_ends(level, needed):
     assert images_needed(level) == needed
-    j, k = conformal_ranks(needed, level)
+    j, k = central_ranks(needed, level)
     assert j >= 1 and k <= needed
-    j, k = conformal_ranks(needed - 1, level)
+    j, k = central_ranks(needed - 1, level)
     assert j == 0 or k == needed
+    assert images_needed(0.99, central=False) == 99
+
+
+def test_the_realised_coverage_range_matches_scipys_beta():
+    stats = pytest.importorskip("scipy.stats")
+    for n, m in ((99, 99), (199, 198), (520, 516), (30, 12)):
+        low, high = realised_range(n, m, 0.9)
+        assert low == pytest.approx(stats.beta.ppf(0.05, m, n + 1 - m), abs=1e-9)
+        assert high == pytest.approx(stats.beta.ppf(0.95, m, n + 1 - m), abs=1e-9)
+    assert beta_quantile(0.5, 1, 1) == pytest.approx(0.5, abs=1e-12)
 
 
 def test_interval_probs_are_the_chosen_order_statistics():
     pit = torch.tensor([0.02, 0.10, 0.31, 0.47, 0.55, 0.71, 0.80, 0.93, 0.99], dtype=torch.float64)  # n = 9
-    cal = Calibration("conformal", 1.0, 0, pit)
-    assert cal.interval_probs(0.6827) == (0.02, 0.93)  # ranks 1 and 8
-    assert cal.interval_probs(0.5) == (0.10, 0.80)  # 10 * 0.5 = 5 -> m = 5, j = 2, k = 7
-    assert cal.interval_probs(0.95) == (0.0, 1.0)  # m = 10 = n + 1: both ends unbounded
-    lo, hi = cal.interval(mx.Mixture(torch.ones(1, 1), torch.zeros(1, 1), torch.ones(1, 1)), 0.95)
+    c = marginal(pit)
+    pred = c.attach(one_gaussian(1))
+    assert [p.item() for p in pred.interval_probs(0.6827)] == [0.02, 0.93]  # ranks 1 and 8
+    assert [p.item() for p in pred.interval_probs(0.5)] == [0.10, 0.80]  # 10 * 0.5 = 5 -> m = 5, j = 2, k = 7
+    assert [p.item() for p in pred.interval_probs(0.95)] == [0.0, 1.0]  # m = 10 = n + 1: both ends unbounded
+    lo, hi = pred.interval(0.95)
     assert lo.item() == -math.inf and hi.item() == math.inf
-    lo, hi = cal.interval(mx.Mixture(torch.ones(1, 1), torch.zeros(1, 1), torch.ones(1, 1), "log"), 0.95)
+    lo, hi = c.attach(one_gaussian(1, "log")).interval(0.95)
     assert lo.item() == 0.0 and hi.item() == math.inf  # under log the lower end of the support is 0
-    described = cal.describe((0.6827, 0.95))
-    assert described["method"] == "conformal" and described["n_images"] == 9
+    described = pred.describe((0.6827, 0.95))[0]
+    assert described["method"] == "marginal" and described["n_images"] == 9
     assert described["interval_probs"] == [0.02, 0.93, 0.0, 1.0]
     assert "0.95 needs at least 39 calibration images" in described["warning"]
 
@@ -107,16 +126,16 @@ def test_interval_probs_are_the_chosen_order_statistics():
 def test_calibration_pits_of_exactly_0_or_1_give_unbounded_ends_not_a_crash():
     """A badly overconfident model (or drift) puts calibration targets 9 stds away: their PITs round
     to exactly 1.0 (or 0.0). The chosen order statistics can then both be 1.0."""
-    m = mx.Mixture(torch.ones(2, 1), torch.zeros(2, 1), torch.ones(2, 1))
-    high = Calibration("conformal", 1.0, 0, torch.tensor([0.2, 0.4] + [1.0] * 17, dtype=torch.float64))  # n = 19: j = 3, k = 17
-    lo, hi = high.interval(m, 0.6827)
+    m = one_gaussian(2)
+    high = marginal(torch.tensor([0.2, 0.4] + [1.0] * 17, dtype=torch.float64))  # n = 19: j = 3, k = 17
+    lo, hi = high.attach(m).interval(0.6827)
     assert lo.tolist() == [math.inf, math.inf] and hi.tolist() == [math.inf, math.inf]
-    assert "warning" not in high.describe((0.6827,))  # 19 images are enough for 68%: no "needs more images"
-    low = Calibration("conformal", 1.0, 0, torch.tensor([0.0] * 17 + [0.6, 0.8], dtype=torch.float64))
-    lo, hi = low.interval(m, 0.6827)
+    assert "warning" not in high.attach(m).describe((0.6827,))[0]  # 19 images are enough for 68%
+    low = marginal(torch.tensor([0.0] * 17 + [0.6, 0.8], dtype=torch.float64))
+    lo, hi = low.attach(m).interval(0.6827)
     assert lo.tolist() == [-math.inf, -math.inf] and hi.tolist() == [-math.inf, -math.inf]
-    mixed = Calibration("conformal", 1.0, 0, torch.tensor([0.0] * 3 + [0.5] * 13 + [1.0] * 3, dtype=torch.float64))
-    lo, hi = mixed.interval(m, 0.6827)  # lower end unbounded below, upper end unbounded above
+    mixed = marginal(torch.tensor([0.0] * 3 + [0.5] * 13 + [1.0] * 3, dtype=torch.float64))
+    lo, hi = mixed.attach(m).interval(0.6827)  # lower end unbounded below, upper end unbounded above
     assert lo.tolist() == [-math.inf, -math.inf] and hi.tolist() == [math.inf, math.inf]
 
 
@@ -138,7 +157,7 @@ def test_split_conformal_coverage_by_simulation(n, level):
 
     cal_pit = torch.special.ndtr(data(trials, n)).sort(dim=1).values
     new_pit = torch.special.ndtr(data(trials))
-    j, k = conformal_ranks(n, level)
+    j, k = central_ranks(n, level)
     lo = cal_pit[:, j - 1] if j >= 1 else torch.zeros(trials, dtype=torch.float64)
     hi = cal_pit[:, k - 1] if k <= n else torch.ones(trials, dtype=torch.float64)
     coverage = float(((new_pit >= lo) & (new_pit <= hi)).double().mean())
@@ -150,13 +169,12 @@ def test_split_conformal_coverage_by_simulation(n, level):
     assert uncalibrated < level - 0.1  # the model alone is far off: the guarantee does real work
 
 
-def test_calibration_object_end_to_end_covers_new_data():
+def test_marginal_calibration_end_to_end_covers_new_data():
+    m_val, y_val = overconfident(500, 4, true_std=1.6)
     m_cal, y_cal = overconfident(500, 2, true_std=1.6)
-    cal = conformal(m_cal, y_cal)
-    lo, hi = cal.interval_probs(0.95)
-    assert lo < 0.025 and hi > 0.975  # widened
+    c = cal.fit("marginal", FitData(m_val, y_val, m_cal, y_cal))
     m_new, y_new = overconfident(20000, 3, true_std=1.6)
-    result, before = score(m_new, y_new, cal), score(m_new, y_new, Calibration())
+    result, before = score(c.apply(m_new), y_new), score(Calibration().attach(m_new), y_new)
     assert before["coverage_95"] < 0.85  # the overconfident model alone misses
     # >= nominal in expectation; with 500 calibration images the realised coverage has s.d. ~0.01
     assert 0.95 - 0.03 <= result["coverage_95"] <= 0.95 + 0.03
@@ -176,11 +194,24 @@ def test_level_keys():
         ({"method": "conformal", "pit": torch.tensor([0.9, 0.1])}, "sorted"),
         ({"method": "conformal", "pit": torch.tensor([0.1, 1.5])}, "sorted"),
         ({"method": "conformal"}, "without calibration scores"),
+        ({"method": "conformal", "scale": {"coef": [0.0]}, "taxonomy": {"centre_edges": [1.0, 0.0]}, "scores": {"pit": [0.5]}},
+         "sorted"),
+        ({"method": "conformal", "scale": {"coef": [0.0, 1.0]}, "scores": {"pit": [0.5]}}, "std-scale coefficients"),
     ],
 )
 def test_impossible_stored_calibrations_are_refused(state, words):
     with pytest.raises(ValueError, match=words):
         Calibration.from_state(state)
+
+
+def test_a_checkpoint_from_before_cells_reads_as_marginal():
+    old = {"method": "conformal", "sigma_scale": 1.5, "val_images": 30, "pit": torch.tensor([0.1, 0.5, 0.9]),
+           "hdr_score": torch.tensor([0.2, 0.4, 0.6])}
+    c = Calibration.from_state(old)
+    assert c.method == "marginal" and c.n_images == 3 and math.exp(c.scale.coef[0]) == pytest.approx(1.5)
+    again = Calibration.from_state(c.state())  # and it round-trips in the new form
+    assert (again.method, again.scale, again.taxonomy) == (c.method, c.scale, c.taxonomy)
+    assert torch.equal(again.scores.all_pit, c.scores.all_pit) and torch.equal(again.scores.all_hdr, c.scores.all_hdr)
 
 
 # --- highest-density regions, calibrated the same way -------------------------------------------
@@ -199,13 +230,13 @@ def test_conformal_highest_density_regions_cover_by_simulation(n, level):
         side = torch.where(torch.rand(count, generator=g) < 0.5, -1.5, 1.5).double()
         return side + 0.6 * torch.randn(count, generator=g, dtype=torch.float64)
 
-    one = mx.Mixture(torch.ones(n, 1), torch.zeros(n, 1), torch.ones(n, 1))
+    one = one_gaussian(n)
     covered = 0.0
     for _ in range(trials // 500):
-        cal = Calibration("conformal", 1.0, 0, torch.tensor([0.5]), mx.hdr_score(one, data(n)).sort().values)
-        mass = cal.hdr_level(level)
-        new = mx.Mixture(torch.ones(500, 1), torch.zeros(500, 1), torch.ones(500, 1))
-        covered += float((mx.hdr_score(new, data(500)) <= mass).double().sum())
+        c = marginal(torch.tensor([0.5]), md.hdr_score(one, data(n)))
+        new = one_gaussian(500)
+        mass = c.attach(new).hdr_level(level)
+        covered += float((md.hdr_score(new, data(500)) <= mass).double().sum())
     coverage = covered / (trials // 500 * 500)
     slack = 5 * math.sqrt(level * (1 - level) / (trials // 500)) / 5 + 0.02  # calibration sets: trials // 500 of them
     exact = math.ceil(round(level * (n + 1), 9)) / (n + 1)
@@ -214,12 +245,178 @@ def test_conformal_highest_density_regions_cover_by_simulation(n, level):
 
 def test_reported_regions_are_the_model_hdr_at_the_calibrated_mass():
     scores = torch.linspace(0.05, 0.99, 19, dtype=torch.float64)  # n = 19
-    cal = Calibration("conformal", 1.0, 0, torch.tensor([0.5]), scores)
-    assert cal.hdr_level(0.5) == pytest.approx(float(scores[9]))  # ceil(0.5 * 20) = 10th smallest
-    assert cal.hdr_level(0.95) == pytest.approx(float(scores[18]))  # 19th: the largest
     two = mx.Mixture(torch.tensor([[0.5, 0.5]]), torch.tensor([[-3.0, 3.0]]), torch.tensor([[0.5, 0.5]]))
-    pieces = cal.hdr(two, 0.5)[0]
-    assert len(pieces) == 2 and pieces == mx.hdr(two, float(scores[9]))[0]
-    few = Calibration("conformal", 1.0, 0, torch.tensor([0.5]), scores[:5])
-    assert few.hdr(two, 0.95) == [[(-math.inf, math.inf)]]  # too few images: the whole line, never a fake bound
-    assert Calibration().hdr(two, 0.68) == mx.hdr(two, 0.68)  # uncalibrated: the model's own HDR
+    pred = marginal(torch.tensor([0.5]), scores).attach(two)
+    assert pred.hdr_level(0.5).item() == pytest.approx(float(scores[9]))  # ceil(0.5 * 20) = 10th smallest
+    assert pred.hdr_level(0.95).item() == pytest.approx(float(scores[18]))  # 19th: the largest
+    pieces = pred.hdr(0.5)[0]
+    assert len(pieces) == 2 and pieces == md.hdr(two, float(scores[9]))[0]
+    assert pred.describe((0.5, 0.95))[0]["hdr_masses"] == pytest.approx([float(scores[9]), float(scores[18])])
+    few = marginal(torch.tensor([0.5]), scores[:5]).attach(two)
+    assert few.hdr(0.95) == [[(-math.inf, math.inf)]]  # too few images: the whole line, never a fake bound
+
+
+# --- conditional calibration: the promise cell by cell ----------------------------------------------
+
+
+def heteroscedastic(n: int, seed: int):
+    """A model whose predicted spread is wrong in a way that depends on it: it predicts N(2, s^2)
+    with s log-uniform in [0.2, 5], while the truth is N(2, (0.55 sqrt(s) + 0.25)^2): far too
+    confident where it is confident, too unsure where it is unsure. On average the two cancel."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.exp(torch.empty(n, dtype=torch.float64).uniform_(math.log(0.2), math.log(5.0), generator=g))
+    true_std = 0.55 * s.sqrt() + 0.25
+    y = 2.0 + true_std * torch.randn(n, generator=g, dtype=torch.float64)
+    return mx.Mixture(torch.ones(n, 1), torch.full((n, 1), 2.0), s.unsqueeze(1)), y, s
+
+
+def test_conditional_calibration_holds_in_every_bin_where_marginal_fails():
+    """Marginal conformal is right on average and wrong in the narrow and the wide predictions; the
+    conditional method (a std scale by spread on val, Mondrian cells on the calibration split) is
+    right in every quintile of the predicted spread, within Monte-Carlo noise."""
+    val, y_val, _ = heteroscedastic(1500, 1)
+    c_m, y_cal, _ = heteroscedastic(2000, 2)
+    test, y, s = heteroscedastic(20000, 3)
+    data = FitData(val, y_val, c_m, y_cal)
+    quintile = equal_count_bins(s, 5)
+    results = {}
+    for method in ("marginal", "conformal"):
+        table = coverage_by(cal.fit(method, data).apply(test), y, quintile)
+        results[method] = [(row["coverage_68"], row["coverage_95"]) for row in table["cells"]]
+    se68, se95 = math.sqrt(0.68 * 0.32 / 4000), math.sqrt(0.95 * 0.05 / 4000)
+    marginal_68 = [a for a, _ in results["marginal"]]
+    assert sum(marginal_68) / 5 == pytest.approx(0.6827, abs=0.03)  # right on average ...
+    assert marginal_68[0] < 0.6827 - 8 * se68 and marginal_68[-1] > 0.6827 + 8 * se68  # ... wrong at both ends
+    # the realised coverage of one calibration set varies too (about 0.02 at 68% for ~400 images a cell)
+    for cov68, cov95 in results["conformal"]:
+        assert abs(cov68 - 0.6827) < 3 * se68 + 0.035, results["conformal"]
+        assert abs(cov95 - 0.95) < 3 * se95 + 0.02, results["conformal"]
+
+
+def test_bin_edges_come_from_val_never_from_the_calibration_images():
+    """Mutation guard: edges fitted on the calibration images would depend on the scores they calibrate."""
+    val, y_val, _ = heteroscedastic(1000, 4)
+    a, y_a, _ = heteroscedastic(800, 5)
+    b, y_b, _ = heteroscedastic(800, 6)
+    first = cal.fit("conformal", FitData(val, y_val, a, y_a)).taxonomy
+    second = cal.fit("conformal", FitData(val, y_val, b, y_b)).taxonomy
+    assert first.spread_edges and first == second  # other calibration images, the same cells
+    other_val, y_other, _ = heteroscedastic(1000, 7)
+    assert cal.fit("conformal", FitData(other_val, y_other, a, y_a)).taxonomy != first
+
+
+def test_each_row_is_calibrated_with_its_own_cell():
+    """Off-by-one guard: rows whose spread lies just below and just above an edge take the PITs of
+    the cell on their side, and say which cell that is."""
+    taxonomy = Taxonomy(spread_edges=(0.0,))  # log spread < 0 -> bin 1 of 2, >= 0 -> bin 2 of 2
+    narrow, wide = torch.linspace(0.01, 0.30, MIN_IMAGES + 10), torch.linspace(0.70, 0.99, MIN_IMAGES + 10)
+    zeros = torch.zeros(len(narrow), dtype=torch.long)
+    scores = CellScores.of(taxonomy, torch.cat([zeros, zeros + 1]), torch.cat([zeros, zeros]),
+                           torch.cat([narrow, wide]).double(), torch.cat([narrow, wide]).double())
+    c = Calibration("conformal", StdScale(), taxonomy, scores)
+    m = mx.Mixture(torch.ones(2, 1), torch.zeros(2, 1), torch.tensor([[math.exp(-1e-9)], [math.exp(1e-9)]], dtype=torch.float64))
+    pred = c.attach(m)
+    lo, hi = pred.interval_probs(0.6827)
+    assert float(hi[0]) <= 0.30 and float(lo[1]) >= 0.70
+    described = pred.describe((0.6827,))
+    assert [d["calibrated_with"]["predicted_spread_bin"]["index"] for d in described] == [1, 2]
+    assert all(d["n_images"] == MIN_IMAGES + 10 for d in described)
+
+
+def test_a_small_cell_falls_back_and_says_so():
+    taxonomy = Taxonomy(spread_edges=(0.0,))
+    pit = torch.linspace(0.01, 0.99, 80, dtype=torch.float64)
+    cells = torch.tensor([0] * 75 + [1] * 5)
+    c = Calibration("conformal", StdScale(), taxonomy, CellScores.of(taxonomy, cells, torch.zeros(80, dtype=torch.long), pit, pit))
+    record = c.attach(mx.Mixture(torch.ones(1, 1), torch.zeros(1, 1), torch.full((1, 1), 2.0))).describe((0.6827,))[0]
+    assert record["n_images"] == 80 and record["calibrated_with"] == {"set": "all calibration images"}
+    assert f"its cell has 5 calibration images (under {MIN_IMAGES}): calibrated with all images" in record["warning"]
+
+
+def two_groups(n: int, seed: int):
+    """Images the model cannot tell apart; group B's labels carry three times the noise."""
+    g = torch.Generator().manual_seed(seed)
+    groups = ["A" if u < 0.5 else "B" for u in torch.rand(n, generator=g).tolist()]
+    noise = torch.tensor([0.5 if name == "A" else 1.5 for name in groups], dtype=torch.float64)
+    y = noise * torch.randn(n, generator=g, dtype=torch.float64)
+    return mx.Mixture(torch.ones(n, 1), torch.zeros(n, 1), torch.ones(n, 1)), y, groups
+
+
+def test_each_group_gets_its_coverage_and_an_unknown_group_is_told():
+    val, y_val, _ = two_groups(600, 1)
+    m_cal, y_cal, g_cal = two_groups(1200, 2)
+    test, y, groups = two_groups(20000, 3)
+    conditional = cal.fit("conformal", FitData(val, y_val, m_cal, y_cal, g_cal))
+    assert conditional.taxonomy.groups == ("A", "B")
+    index = torch.tensor([0 if g == "A" else 1 for g in groups])
+
+    def within(row: dict) -> bool:  # 3 s.e. of the test images, plus the realised noise of ~600 calibration images
+        return abs(row["coverage_95"] - 0.95) < 3 * math.sqrt(0.95 * 0.05 / row["n"]) + 0.02
+
+    pooled = coverage_by(cal.fit("marginal", FitData(val, y_val, m_cal, y_cal, g_cal)).apply(test, groups), y, index)["cells"]
+    assert not all(within(row) for row in pooled)  # one pooled calibration: the quiet group over-, the noisy one under-covered
+    by_group = coverage_by(conditional.apply(test, groups), y, index)["cells"]
+    assert all(within(row) for row in by_group), by_group
+    records = conditional.apply(test[:2], ["C", None]).describe((0.95,))
+    assert "group 'C' has no calibration images of its own (known: A, B): calibrated with all images" in records[0]["warning"]
+    assert "no group given" in records[1]["warning"]
+    assert all(r["calibrated_with"] == {"set": "all calibration images"} and r["n_images"] == 1200 for r in records)
+    own = conditional.apply(test[:1], ["B"]).describe((0.95,))[0]
+    assert own["n_images"] == sum(1 for g in g_cal if g == "B") and "warning" not in own
+
+
+def test_covariate_scale_is_at_least_as_good_as_a_constant_one_on_val():
+    val, y_val, _ = heteroscedastic(1500, 8)
+    constant, covariate = fit_constant(val, y_val), fit_covariates(val, y_val)
+    nll = lambda s: float(-mx.log_prob(s.apply(val), y_val).mean())  # noqa: E731
+    assert not covariate.constant and nll(covariate) < nll(constant) - 0.05
+    state = covariate.state()
+    assert StdScale.from_state(state) == covariate
+
+
+def test_mondrian_interval_ends_match_crepes():
+    """Oracle: for single Gaussians, the ends mdn takes from a cell's sorted PITs are the prediction
+    plus std times that cell's normalised residual of the same rank: what crepes' Mondrian
+    conformal predictive system gives for the percentiles that pick those ranks (crepes takes
+    rank int(p (n+1)) for a lower percentile p, ceil(p (n+1)) for a higher one)."""
+    crepes = pytest.importorskip("crepes")
+    g = torch.Generator().manual_seed(9)
+    n_cells, per_cell = 3, 199
+    cells = torch.arange(n_cells).repeat_interleave(per_cell)
+    mu = torch.randn(len(cells), generator=g, dtype=torch.float64)
+    s = torch.exp(0.3 * torch.randn(len(cells), generator=g, dtype=torch.float64))
+    y = mu + s * (1.0 + cells.double()) * torch.randn(len(cells), generator=g, dtype=torch.float64)
+    m = mx.Mixture(torch.ones(len(cells), 1), mu.unsqueeze(1), s.unsqueeze(1))
+    taxonomy = Taxonomy(spread_edges=())  # cells given directly below
+    scores = CellScores.of(taxonomy, cells, torch.zeros_like(cells), mx.cdf(m, y), md.hdr_score(m, y))
+    test_mu = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
+    test_s = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    cps = crepes.ConformalPredictiveSystem().fit((y - mu).numpy(), sigmas=s.numpy(), bins=cells.numpy())
+    for level in (0.9, 0.8):
+        for cell in range(n_cells):
+            pit = scores.pit[cell]
+            j, k = central_ranks(per_cell, level)
+            ours_lo = test_mu + test_s * torch.special.ndtri(pit[j - 1])
+            ours_hi = test_mu + test_s * torch.special.ndtri(pit[k - 1])
+            theirs = cps.predict(y_hat=test_mu.numpy(), sigmas=test_s.numpy(), bins=[cell] * 3,
+                                 lower_percentiles=[100 * (j + 0.5) / (per_cell + 1)],
+                                 higher_percentiles=[100 * (k - 0.5) / (per_cell + 1)])
+            theirs = torch.as_tensor(theirs, dtype=torch.float64).reshape(3, 2)
+            torch.testing.assert_close(ours_lo, theirs[:, 0], rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(ours_hi, theirs[:, 1], rtol=1e-9, atol=1e-9)
+
+
+def test_homogeneity_test_tells_equal_from_unequal_cells():
+    cells = torch.arange(5).repeat_interleave(400)
+    g = torch.Generator().manual_seed(0)
+    equal = torch.rand(2000, generator=g) < 0.68
+    assert homogeneity(equal, cells)["p_value"] > 0.01
+    unequal = torch.rand(2000, generator=g) < (0.5 + 0.08 * cells.double())
+    assert homogeneity(unequal, cells)["p_value"] < 1e-6
+    stats = pytest.importorskip("scipy.stats")
+    table = [[int(equal[cells == c].sum()), int((~equal[cells == c]).sum())] for c in range(5)]
+    assert homogeneity(equal, cells)["p_value"] == pytest.approx(stats.chi2_contingency(table, correction=False)[1], rel=1e-6)
+
+
+def test_bins_for_the_calibration_set_size():
+    assert bins_for(520, 2) == 2 and bins_for(399, 2) == 1 and bins_for(5000, 2) == 7 and bins_for(150, 1) == 1

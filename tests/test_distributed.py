@@ -28,10 +28,13 @@ def epochs(path):
     return [float(r["train_nll"]) for r in rows], [float(r["val_nll"]) for r in rows]
 
 
-def torchrun(*args, timeout=600):
+def torchrun(*args):
+    """Run torchrun with 2 CPU processes until it ends. No timeout: a process that fails makes
+    torchrun stop the other and exit, and a process left waiting in a collective (a barrier, an
+    all-reduce) for one that never comes is ended by gloo's own process-group timeout (30 min)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+                          capture_output=True, text=True, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +99,7 @@ def test_torchrun_two_cpu_processes_match_a_single_process(tmp_path, textured):
 
 
 def test_decoded_images_and_backbone_features_are_held_once_per_machine(textured):
-    proc = torchrun(HERE / "distributed_worker.py", textured / "images", timeout=300)
+    proc = torchrun(HERE / "distributed_worker.py", textured / "images")
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert sorted(r["rank"] for r in reports) == [0, 1]
@@ -109,6 +112,6 @@ def test_decoded_images_and_backbone_features_are_held_once_per_machine(textured
 
 def test_batch_size_must_split_over_processes(tmp_path, textured):
     config = write_config(tmp_path / "c.yaml", textured, tmp_path / "runs", train={"epochs": 1, "batch_size": 9})
-    proc = torchrun("-m", "mdn_cli", "train", config, timeout=300)
+    proc = torchrun("-m", "mdn_cli", "train", config)
     assert proc.returncode != 0 and "train.batch_size=9 must be a multiple of the 2 processes" in proc.stderr
     shutil.rmtree(tmp_path / "runs", ignore_errors=True)

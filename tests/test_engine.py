@@ -118,7 +118,7 @@ def test_resume_with_loader_workers_matches_an_uninterrupted_run(tmp_path, toy_d
     stopped = write_config(tmp_path / "b.yaml", toy_data, tmp_path / "runs", run={"name": "stopped"}, data=data, **common)
     assert mdn("train", straight).exit_code == 0
     run = tmp_path / "runs" / "stopped"
-    returncode, err = train_until(stopped, run / "metrics.csv", poll=0.02)
+    returncode, err = train_until(stopped, "train-batch#5")  # in epoch 2 (3 or 4 batches an epoch), workers running
     assert returncode == 130, err
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
     result = mdn("train", stopped, "--resume")
@@ -304,7 +304,7 @@ def test_running_the_model_leaves_every_submodule_in_its_own_mode():
     must hand back a frozen backbone still in eval mode and a head still training (with dropout)."""
     from mdn_cli.dataset import Batch
     from mdn_cli.engine import set_train_mode
-    from mdn_cli.inference import run_model
+    from mdn_cli.runtime import run_model
     from mdn_cli.model import MDNRegressor, ModelArgs
 
     model = MDNRegressor(ModelArgs("resnet18", 2, 32, (0.5,) * 3, (0.25,) * 3))

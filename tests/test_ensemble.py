@@ -19,8 +19,7 @@ from mdn_cli.inference import Predictor
 from mdn_cli.ood import (
     FeatureBank,
     UnfamiliarImages,
-    conformal_threshold,
-    images_needed,
+    threshold_rank,
 )
 from mdn_cli.runtime import Runtime
 
@@ -179,8 +178,9 @@ def test_the_warnings_scales_come_from_val_and_its_threshold_from_calibration(me
 
     assert bank.scales == pytest.approx(medians(features["val"]), rel=1e-4)
     assert bank.scales != pytest.approx(medians(features["calibration"]), rel=1e-4)
-    scores = torch.stack([bank.distances(features["calibration"])]).mean(0)
-    assert predictor.unfamiliar.threshold == pytest.approx(conformal_threshold(scores, 0.9), rel=1e-4)
+    scores = torch.stack([bank.distances(features["calibration"])]).mean(0).sort().values
+    m, _ = threshold_rank(len(scores), 0.9)
+    assert predictor.unfamiliar.threshold == pytest.approx(float(scores[m - 1]), rel=1e-4)
 
 
 def test_the_threshold_flags_at_most_the_configured_share_of_familiar_images():
@@ -237,10 +237,25 @@ def test_stage_statistics_are_those_of_the_last_layer_at_each_resolution_on_ever
 
 
 def test_threshold_order_statistic_and_too_few_images():
-    scores = torch.arange(1.0, 100.0)  # 99 scores
-    assert conformal_threshold(scores, 0.99) == 99.0  # ceil(0.99 * 100) = 99: the largest
-    assert conformal_threshold(scores, 0.9) == 90.0
-    assert conformal_threshold(scores[:98], 0.99) == math.inf and images_needed(0.99) == 99
+    assert threshold_rank(99, 0.99) == (99, 0.99)  # ceil(0.99 * 100) = 99: the largest
+    assert threshold_rank(99, 0.9) == (90, 0.9)
+    assert threshold_rank(98, 0.99) == (98, 98 / 99)  # too few for 0.99: the largest score, at the level 98 images support
+
+
+def test_a_small_calibration_set_still_gets_a_warning_that_says_what_it_holds():
+    """800 images (80 calibration images) once lost the warning altogether; now the threshold is the
+    largest calibration score, its level n/(n+1) and the noise of its false-flag rate are stated."""
+    g = torch.Generator().manual_seed(1)
+    bank = FeatureBank.of([torch.randn(200, 8, generator=g)])
+    model = UnfamiliarImages.fit([bank], [[torch.randn(40, 8, generator=g)]], [[torch.randn(80, 8, generator=g)]], 0.99)
+    assert model.quantile == pytest.approx(80 / 81) and model.asked == 0.99 and math.isfinite(model.threshold)
+    described = model.describe()
+    assert "80 calibration images are too few for train.ood_quantile=0.99 (it needs 99)" in described["warning"]
+    low, high = described["false_flag_rate"]["range_90"]
+    assert described["false_flag_rate"]["expected"] == pytest.approx(1 / 81) and 0 < low < 1 / 81 < high < 0.05
+    again = UnfamiliarImages.from_state(model.state(), [bank])
+    assert (again.quantile, again.asked, again.n_images) == (model.quantile, 0.99, 80)
+    assert "between" in model.fitted_message() and "too few" in model.fitted_message()
 
 
 def test_benchmark_ood_script_reports_each_set(members, capsys):

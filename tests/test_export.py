@@ -61,8 +61,11 @@ def test_onnx_graph_names_and_metadata(exported):
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a dynamic batch
     meta = json.loads({p.key: p.value for p in model.metadata_props}["mdn"])
     assert meta["target_transform"] == "log" and meta["input"]["size"] == 32 and meta["member_components"] == [2]
-    assert meta["calibration"]["method"] == "conformal" and len(meta["calibration"]["pit"]) > 39
-    assert meta["calibration"]["pit"] == sorted(meta["calibration"]["pit"])
+    scores = meta["calibration"]["scores"]
+    assert meta["calibration"]["method"] == "conformal" and len(scores["pit"]) > 39 and meta["calibration"]["scale_applied"]
+    assert scores["pit"] == sorted(scores["pit"]) and all(c["pit"] == sorted(c["pit"]) for c in scores["cells"].values())
+    assert meta["members"] == [{"backbone": "resnet18", "components": 2, "image_size": 32}]
+    assert {p.key for p in model.metadata_props} == {"mdn", "mdn_sha256"}
 
 
 def test_predict_with_the_onnx_model_prints_the_checkpoints_json(exported, tmp_path):
@@ -138,7 +141,15 @@ def test_rebuild_intervals_from_the_outputs_and_metadata_alone(exported):
     session = onnxruntime.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     image = sorted((data / "images").glob("*.png"))[3]
     w, mu, sd, _ = session.run(None, {"images": decode_square(image, meta["input"]["size"])[None].numpy()})
-    pit, n = meta["calibration"]["pit"], len(meta["calibration"]["pit"])
+    # the image's cell, from the outputs: its centre and log spread in the model's space, counted against the edges
+    c = float((w * mu).sum())
+    v = 0.5 * math.log(float((w * (sd**2 + (mu - c) ** 2)).sum()))
+    taxonomy, scores = meta["calibration"]["taxonomy"], meta["calibration"]["scores"]
+    below = lambda x, edges: sum(1 for e in edges if e < x)  # noqa: E731
+    cell = below(c, taxonomy["centre_edges"]) * (len(taxonomy["spread_edges"]) + 1) + below(v, taxonomy["spread_edges"])
+    own = scores["cells"].get(str(cell), {"pit": []})["pit"]
+    pit = own if len(own) >= 50 else scores["pit"]  # a cell under 50 images falls back to all of them
+    n = len(pit)
     level = 0.9
     m_rank = math.ceil(level * (n + 1))
     j = (n + 1 - m_rank) // 2

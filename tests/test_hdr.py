@@ -1,4 +1,4 @@
-"""Modes, highest-density regions and the HDR conformity score of mdn_cli.mixture, against
+"""Modes, highest-density regions and the HDR conformity score of mdn_cli.modes, against
 independent references: densities and CDFs from scipy.stats (norm / lognorm, never the module's
 own log_prob or cdf) on very fine grids, brentq, and Monte Carlo."""
 
@@ -11,7 +11,8 @@ import pytest
 import torch
 from scipy import integrate, optimize, special, stats
 
-from mdn_cli.mixture import Mixture, hdr, hdr_score, interval, mode, modes
+from mdn_cli.mixture import Mixture, interval
+from mdn_cli.modes import hdr, hdr_score, mode, modes
 
 F64 = torch.float64
 
@@ -372,7 +373,7 @@ def test_single_gaussian_hdr_is_the_central_interval(mu, s, level):
 def test_single_gaussian_needs_one_evaluation(monkeypatch):
     # The solver starts from erfinv(level), exact for one Gaussian: one evaluation must do, also
     # far from 0 or with tiny stds, where brackets built from absolute points would round.
-    import mdn_cli.mixture as mx
+    import mdn_cli.modes as mx
 
     calls = []
     real = mx._inside_outside

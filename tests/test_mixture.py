@@ -20,10 +20,10 @@ from mdn_cli.mixture import (
     mean,
     median,
     mixture_nll,
-    mode,
     quantile,
     std,
 )
+from mdn_cli.modes import mode
 
 F64 = torch.float64
 

@@ -13,12 +13,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mdn_cli import mixture as mx
-from mdn_cli.calibration import conformal_ranks
+from mdn_cli.calibration.levels import central_ranks
 from mdn_cli.cli import app
 
 runner = CliRunner()
 KEYS = {"image", "mean", "std", "std_aleatoric", "std_epistemic", "median", "mode", "interval_68", "interval_95", "hdr_68",
-        "hdr_95", "modes", "components", "target_transform", "calibration"}
+        "hdr_95", "modes", "components", "target_transform", "calibration", "ood_score", "in_distribution"}
 
 
 def mdn(*args):
@@ -51,11 +51,12 @@ def test_predict_json_has_exact_keys_and_consistent_numbers(trained, toy_data):
         assert lo95 < lo68 < hi68 < hi95
         # the calibration says how the intervals were made, and they can be rebuilt from the components
         c = r["calibration"]
-        assert c["method"] == "conformal" and c["n_images"] >= 39 and len(c["interval_probs"]) == 4
+        assert c["method"] == "conformal" and c["n_images"] >= 39 and len(c["interval_probs"]) == 4 and len(c["hdr_masses"]) == 2
+        assert c["calibrated_with"]["set"] in ("cell", "all calibration images")
         m = mx.Mixture(*(torch.tensor([[k[key] for k in r["components"]]], dtype=torch.float64) for key in ("weight", "mean", "std")))
         ends = torch.tensor([lo68, hi68, lo95, hi95], dtype=torch.float64)
         assert [float(mx.cdf(m, e)) for e in ends] == pytest.approx(c["interval_probs"], abs=1e-9)
-        j, k = conformal_ranks(c["n_images"], 0.95)
+        j, k = central_ranks(c["n_images"], 0.95)
         assert j >= 1 and k <= c["n_images"]
         # highest-density regions: pieces inside the support, nested by level; modes with masses summing to 1
         assert all(a < b for a, b in r["hdr_68"]) and sum(b - a for a, b in r["hdr_68"]) < sum(b - a for a, b in r["hdr_95"])
@@ -138,14 +139,19 @@ def test_evaluate_default_test_split_writes_everything(trained, tmp_path):
     n_test = sum(1 for r in csv.DictReader(open(trained.parent / "splits.csv")) if r["split"] == "test")
     assert metrics["n"] == n_test and "oracle" in metrics and metrics["oracle"]["nll"] < metrics["nll"] + 5
     assert metrics["calibration"]["method"] == "conformal" and str(n_test) in metrics["data"]
-    for table in ("by_target", "by_predicted_std"):
-        bins = metrics["conditional"][table]
-        assert sum(b["n"] for b in bins) == n_test and all({"coverage_68", "width_95"} <= set(b) for b in bins)
+    for table in ("by_target", "by_predicted_std", "by_predicted_value"):
+        bins = metrics["conditional"][table]["cells"]
+        assert len(bins) == 5 and sum(b["n"] for b in bins) == n_test
+        assert all({"coverage_68", "se_68", "width_95", "winkler_95"} <= set(b) for b in bins)
+        assert {"cell", "coverage", "se", "n"} <= set(metrics["conditional"][table]["worst"]["95"])
+        assert 0.0 <= metrics["conditional"][table]["homogeneity"]["68"]["p_value"] <= 1.0
     rows = list(csv.DictReader(open(out / "predictions.csv")))
     assert len(rows) == n_test and {"weight", "mean", "std", "pit"} <= set(rows[0])  # the target named as in the labels file
     assert all(0.0 <= float(r["pit"]) <= 1.0 for r in rows)
-    assert "ood_score" not in rows[0] and "unfamiliar" not in metrics  # ~60 calibration images: too few for the 0.99 warning
-    for label in ("NLL", "CRPS", "95% coverage", "95% interval score", "calibration error", "oracle", "by decile of predicted std"):
+    # ~10 calibration images, too few for the 0.99 threshold: the warning holds at the level they support, and says so
+    assert "ood_score" in rows[0] and "too few for train.ood_quantile=0.99" in metrics["unfamiliar"]["warning"]
+    for label in ("NLL", "CRPS", "95% coverage", "95% interval score", "calibration error", "oracle", "coverage by predicted std",
+                  "same in every cell? p ="):
         assert label in result.stdout
 
 

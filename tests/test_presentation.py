@@ -46,7 +46,7 @@ def test_evaluation_plots_write_four_pngs_of_the_right_size(tmp_path, n):
     evaluation = examples.synthetic_evaluation(n)
     paths = plots.evaluation_plots(evaluation, tmp_path, LABEL)
     sizes = {"reliability.png": (5.8, 5.8), "pit_histogram.png": (6.4, 4.4), "predicted_vs_true.png": (6.6, 6.6),
-             "coverage_by_bin.png": (12, 4.8)}
+             "coverage_by_bin.png": (13.8, 4.9)}  # three panels: predicted std, predicted value, true value
     assert [p.name for p in paths] == list(sizes)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(sizes)  # and no temp file left behind
     for path in paths:
@@ -62,9 +62,11 @@ def test_evaluation_plots_speak_in_the_target_label_and_name_the_split():
     assert ax.get_xlabel() == f"true {LABEL}" and LABEL in ax.get_ylabel()
     plt.close(fig)
     fig = plots.coverage_by_bin_figure(evaluation, "40 test images", LABEL)
-    assert [a.get_xlabel() for a in fig.axes] == [f"true {LABEL} (equal-count bins)", f"predicted std of {LABEL} (equal-count bins)"]
-    # the decile ranges are the tick labels, one per bin
-    assert len(fig.axes[0].get_xticklabels()) == len(evaluation.metrics["conditional"]["by_target"])
+    assert [a.get_xlabel() for a in fig.axes] == [f"predicted std of {LABEL} (equal-count bins)",
+                                                  f"predicted {LABEL} (mean) (equal-count bins)", f"true {LABEL} (equal-count bins)"]
+    # the quintile ranges are the tick labels, one per bin; each panel's title gives the homogeneity test
+    assert len(fig.axes[2].get_xticklabels()) == len(evaluation.metrics["conditional"]["by_target"]["cells"]) == 5
+    assert all("same coverage in every bin? 68%: p=" in a.get_title() for a in fig.axes)
     plt.close(fig)
     fig = plots.pit_figure(evaluation, "40 test images", LABEL)
     assert LABEL in fig.axes[0].get_xlabel()
@@ -246,7 +248,7 @@ def test_predict_plots_use_the_label_and_count_in_words(run, toy_data, tmp_path,
     folder, _ = run
     labels = []
     write = plots.write_density_plots
-    monkeypatch.setattr(plots, "write_density_plots", lambda p, m, out, label: labels.append(label) or write(p, m, out, label))
+    monkeypatch.setattr(plots, "write_density_plots", lambda p, m, out, label, **kw: labels.append(label) or write(p, m, out, label, **kw))
     images = [toy_data / "images" / f"0000{i}.png" for i in range(2)]
     one = mdn("predict", images[0], "-c", folder / "best.pt", "--plot", tmp_path / "one")
     assert one.exit_code == 0, one.output

@@ -191,16 +191,57 @@ def test_a_failing_forward_pass_answers_500_and_the_server_keeps_serving(model, 
         def __getattr__(self, name):
             return getattr(model, name)
 
-        def predict_prepared(self, batch):
+        def predict_prepared(self, batch, groups=None):
             if Flaky.failures:
                 Flaky.failures -= 1
                 raise RuntimeError("CUDA out of memory")
-            return model.predict_prepared(batch)
+            return model.predict_prepared(batch, groups=groups)
 
     with TestClient(create_app(Flaky(), SETTINGS), raise_server_exceptions=False) as client:
         response = client.post("/predict", files=upload(("a.png", images[0].read_bytes())))
         assert response.status_code == 500 and "CUDA out of memory" in response.json()["error"]
         assert_still_serving(client, images)
+
+
+def test_more_images_than_the_queue_takes_are_refused_503_with_retry_after(model, images):
+    with TestClient(create_app(model, ServeSettings(max_batch=2, max_files=8, max_queue=2))) as client:
+        response = client.post("/predict", files=upload(*((f"{i}.png", images[i].read_bytes()) for i in range(3))))
+        assert response.status_code == 503 and response.headers["retry-after"].isdigit()
+        assert "the server is busy (0 images waiting, at most 2)" in response.json()["error"]
+        assert_still_serving(client, images)
+
+
+def _raw_upload(url: str, photo: bytes) -> tuple[socket.socket, bytes]:
+    """A connection with the request's head sent, and the body it announced (not sent)."""
+    body, content_type = load_script("load_test").multipart([("slow.png", photo)])
+    host, port = url.split("//")[1].rstrip("/").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n".encode())
+    return sock, body
+
+
+def test_a_stalled_upload_is_cut_off_with_408_while_others_are_answered(model, images):
+    with in_thread(create_app(model, ServeSettings(request_timeout_s=0.5))) as url:
+        sock, body = _raw_upload(url, images[0].read_bytes())
+        sock.sendall(body[:20])  # and then nothing: a client on a dead connection
+        normal = httpx.post(url + "predict", files=upload(("ok.png", images[1].read_bytes())), timeout=None)
+        assert normal.status_code == 200  # not held up by the stalled one
+        answer = b""
+        while chunk := sock.recv(4096):  # the server answers once its request timeout is up, then closes: the events waited for
+            answer += chunk
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 408") and b"the upload took longer than 0.5 s" in answer, answer
+
+
+def test_a_client_that_hangs_up_mid_upload_leaves_the_server_serving(model, images):
+    with in_thread(create_app(model, SETTINGS)) as url:
+        for _ in range(3):
+            sock, body = _raw_upload(url, images[0].read_bytes())
+            sock.sendall(body[: len(body) // 2])
+            sock.close()
+        response = httpx.post(url + "predict", files=upload(("ok.png", images[1].read_bytes())), timeout=None)
+        assert response.status_code == 200 and httpx.get(url + "stats", timeout=None).json()["images"] == 1
 
 
 def test_a_partly_bad_request_lists_every_bad_file(client, images):
@@ -249,7 +290,7 @@ def test_concurrent_requests_share_forward_passes_and_each_gets_its_own_answer(m
 
     def ask(i: int, url: str) -> None:
         start.wait()
-        answers[i] = httpx.post(url + "predict", files=upload((chosen[i].name, chosen[i].read_bytes())), timeout=60)
+        answers[i] = httpx.post(url + "predict", files=upload((chosen[i].name, chosen[i].read_bytes())), timeout=None)
 
     with in_thread(app) as url:
         threads = [threading.Thread(target=ask, args=(i, url)) for i in range(len(chosen))]
@@ -257,7 +298,7 @@ def test_concurrent_requests_share_forward_passes_and_each_gets_its_own_answer(m
             t.start()
         for t in threads:
             t.join()
-        stats = httpx.get(url + "stats").json()
+        stats = httpx.get(url + "stats", timeout=None).json()
     for i, p in enumerate(chosen):
         assert answers[i].status_code == 200, answers[i].text
         [record] = answers[i].json()
@@ -352,9 +393,9 @@ def test_page_in_chromium_uploads_photos_and_draws_each_answer(model, images, tm
     bad.write_text("not a photo\n")
     good = images[5]
     with in_thread(create_app(model)) as url, chrome(tmp_path / "profile") as driver:
-        expected = httpx.post(url + "predict", files=upload((good.name, good.read_bytes()))).json()[0]
+        expected = httpx.post(url + "predict", files=upload((good.name, good.read_bytes())), timeout=None).json()[0]
         driver.get(url)
-        wait = WebDriverWait(driver, 30)
+        wait = WebDriverWait(driver, 600)  # a hang guard: only a page that never answers reaches it
         wait.until(lambda d: "resnet18" in d.find_element(By.ID, "model").text)
         driver.find_element(By.ID, "files").send_keys(f"{good}\n{bad}")
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".card")) == 2
@@ -364,7 +405,7 @@ def test_page_in_chromium_uploads_photos_and_draws_each_answer(model, images, tm
         assert card.find_element(By.CSS_SELECTOR, ".name").text == good.name
         assert "null" not in card.text and "undefined" not in card.text and "NaN" not in card.text
         cells = {td.get_attribute("data-key"): td for td in card.find_elements(By.CSS_SELECTOR, "td[data-key]")}
-        assert set(cells) == {"mean", "std", "median", "mode", "interval_68", "interval_95"}
+        assert set(cells) == {"mean", "std", "median", "mode", "interval_68", "interval_95"} | ({"ood_score"} & set(expected))
         for key, td in cells.items():
             assert json.loads(td.get_attribute("data-value")) == expected[key]  # the API's numbers, exactly
             shown = [float(x.replace("−", "-")) for x in re.findall(r"[−-]?[\d.]+(?:e[+-]?\d+)?", td.text)]
