@@ -15,11 +15,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import mixture as mx
+from . import phases
 from .calibration import DEFAULT_LEVELS, METHODS, Calibration, FitData, fit
 from .checkpoint import save_checkpoint
 from .errors import DataError
 from .inference import Predictor
-from .labels import Example
+from .data import Source
+from .data.labels import Example
 from .ood import FeatureBank, UnfamiliarImages, subsample
 from .runtime import Runtime
 
@@ -28,6 +30,7 @@ def calibrate_checkpoint(
     path: Path,
     method: str,
     splits: dict[str, list[Example]],
+    source: Source,
     runtime: Runtime,
     num_workers: int | str,
     log: Callable[[str], None],
@@ -36,17 +39,18 @@ def calibrate_checkpoint(
 ) -> Calibration:
     """Fit the calibration method called `method` (calibration.METHODS) and the unfamiliar-image
     warning for the checkpoint at `path` (a model or an ensemble) and store them there.
-    `splits`: train, val, calibration."""
+    `splits`: train, val, calibration, their images read from `source`."""
     predictor, ckpt = Predictor.from_checkpoint(path, runtime)
 
     def run(examples: list[Example]):
-        return predictor.run([e.path for e in examples], runtime, [e.target for e in examples], num_workers=num_workers, on_skip=on_skip,
-                             moment="calibration-batch")
+        loader = predictor.loader(source, examples, num_workers, name="calibration", pin_memory=runtime.pin_memory)
+        return predictor.run(loader, runtime, on_skip=on_skip, moment="calibration-batch")
 
     if ood_quantile is not None and any(m.bank is None for m in predictor.members):
         train = splits["train"]
         chosen = [train[i] for i in subsample(len(train))]
-        vectors = run(chosen).features
+        with phases.timed("unfamiliar-image feature bank"):
+            vectors = run(chosen).features
         states = ckpt["members"] if ckpt.get("kind") == "ensemble" else [ckpt]
         for state, member, v in zip(states, predictor.members, vectors):
             if member.bank is None:

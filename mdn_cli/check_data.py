@@ -31,8 +31,8 @@ from . import interrupts
 from .config import Config
 from .files import atomic_writer, write_text_atomic
 from .images import UnreadableImageError, load_rgb
-from .labels import Example, read_labels
-from .splits import assign_splits
+from .data.labels import Example, read_labels
+from .data.splits import assign_splits
 
 MIN_SIDE = 32
 NEAR_BITS = 4

@@ -194,7 +194,10 @@ def train(
         try:
             reasons = header = None
             if planned:
-                cfg, reasons, header = _plan(config, set_ or [])
+                from . import phases
+
+                with phases.timed("planning (reading the data)"):
+                    cfg, reasons, header = _plan(config, set_ or [])
             else:
                 cfg = load_config(config, set_ or [])
             if members > 1:
@@ -306,19 +309,8 @@ def check_data(
         try:
             from .check_data import check_data as run_check
             from .check_data import format_report
-            from .config import load_config
 
-            if source.suffix.lower() == ".csv":
-                from .config.planner import read_facts
-
-                facts = read_facts(source, *_given(set_ or [], "data.image_column", "data.target_column"))
-                cfg = load_config(None, [f"data.root={source.parent}", f"data.labels={source.name}",
-                                         f"data.image_column={facts.image_column}", f"data.target_column={facts.target_column}",
-                                         f"data.split_column={facts.split_column or 'split'}", *(set_ or [])])
-                labels = source
-            else:
-                cfg = load_config(source, set_ or [])
-                labels = Path(cfg.data.root) / cfg.data.labels
+            cfg, labels = _data_config(source, set_ or [])
             out = output or Path(cfg.run.out_dir) / f"check-{labels.resolve().parent.name}"
             bar = tqdm(total=0, desc="checking images", unit="image", leave=False)
 
@@ -334,6 +326,62 @@ def check_data(
     typer.echo(format_report(report, out), nl=False)
     if report.problems:
         raise typer.Exit(1)
+
+
+def _data_config(source: Path, overrides: list[str]):
+    """(config, labels file) from a labels CSV (its columns found as `mdn train labels.csv` finds
+    them) or a YAML config."""
+    from .config import load_config
+
+    if source.suffix.lower() == ".csv":
+        from .config.planner import read_facts
+
+        facts = read_facts(source, *_given(overrides, "data.image_column", "data.target_column"))
+        cfg = load_config(None, [f"data.root={source.parent}", f"data.labels={source.name}",
+                                 f"data.image_column={facts.image_column}", f"data.target_column={facts.target_column}",
+                                 f"data.split_column={facts.split_column or 'split'}", *overrides])
+        return cfg, source
+    cfg = load_config(source, overrides)
+    labels = Path(cfg.data.labels)
+    return cfg, labels if labels.is_absolute() else Path(cfg.data.root) / labels
+
+
+@app.command(cls=Command, epilog="""**Examples**
+
+    mdn shard data/toy/labels.csv --output shards/toy
+    mdn shard configs/utkface.yaml --output s3://my-bucket/utkface --images-per-shard 2000
+    # then train from them: data.shards
+    mdn train configs/utkface.yaml --set data.shards=s3://my-bucket/utkface
+
+S3-compatible stores: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY as usual.
+Written again after rows were added to the labels, it writes shards of the new images only.""")
+def shard(
+    source: Annotated[Path, typer.Argument(metavar="LABELS.csv|CONFIG", help="A labels CSV, or a YAML config naming one.")],
+    output: Annotated[str, typer.Option("--output", "-o", metavar="FOLDER|URL", help="Where the shard set goes: a folder, file:// or s3:// URL.")],
+    images_per_shard: Annotated[int, typer.Option("--images-per-shard", min=1, metavar="N", help="Images in one shard file.")] = 1000,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a config value (the columns, the split rule)."),
+    ] = None,
+) -> None:
+    """Write a labelled image folder as shards, to train and score from a folder or a bucket.
+
+    Each record keeps the original image bytes (never re-encoded), its target, its key and its
+    split, made by the same rule as a folder run, so both runs have the same splits."""
+    with stoppable(lambda e: "shards already written are whole and listed; run the command again to write the rest"):
+        try:
+            from .data.folder import FolderSource
+            from .data.shards import write_shards
+
+            cfg, labels = _data_config(source, set_ or [])
+            data = cfg.data.model_dump()
+            folder = FolderSource({**data, "labels": str(labels.resolve())}, Path(cfg.data.root))
+            result = write_shards(folder, data, output, images_per_shard, log=typer.echo)
+        except MdnError as e:
+            raise fail(str(e), e.exit_code) from None
+    split = ", ".join(f"{n} {s}" for s, n in result["by_split"].items())
+    typer.echo(f"wrote {counted(len(result['shards']), 'shard')} of {counted(result['images'], 'new image')} ({split or 'none new'}) "
+               f"to {output}; the set holds {result['total_images']} images in {result['total_shards']} shards")
 
 
 def _given(overrides: list[str], *keys: str) -> list[str | None]:
@@ -388,6 +436,18 @@ def ensemble(
         typer.echo(f"ensemble checkpoint: {path}")
 
 
+def _shard_examples(url: str, split: str | None, checkpoint: Path):
+    """(source, examples, problems) of a shard set's images, read as the model reads its target."""
+    from .checkpoint import load_checkpoint
+    from .data.shards import ShardSource
+    from .export import is_onnx
+
+    data = {} if is_onnx(checkpoint) else load_checkpoint(checkpoint)["config"]["data"]
+    source = ShardSource(url, data)
+    examples = [e for e in source.read().examples if split is None or e.split == split]
+    return source, examples, [] if examples else [f"{url}: no {split} images in the shard set"]
+
+
 def _levels(text: str | None) -> tuple[float, ...]:
     from .calibration import DEFAULT_LEVELS
 
@@ -414,8 +474,8 @@ def _levels(text: str | None) -> tuple[float, ...]:
 Exit code 1 when some inputs could not be read (the rest are still predicted).""")
 def predict(
     images: Annotated[
-        list[str], typer.Argument(metavar="IMAGE...", help="Image files, folders (every image inside) or glob patterns.")
-    ],
+        list[str] | None, typer.Argument(metavar="IMAGE...", help="Image files, folders (every image inside) or glob patterns.")
+    ] = None,
     checkpoint: Annotated[
         Path | None,
         typer.Option("--checkpoint", "-c", metavar="CHECKPOINT", help="Checkpoint to use (default: the newest best.pt under ./runs)."),
@@ -436,6 +496,14 @@ def predict(
     group: Annotated[
         str | None,
         typer.Option("--group", metavar="GROUP", help="The images' group, for a model calibrated by group (data.group_column)."),
+    ] = None,
+    shards: Annotated[
+        str | None,
+        typer.Option("--shards", metavar="URL", help="Predict the images of a shard set (a folder, file:// or s3:// URL; see mdn shard)."),
+    ] = None,
+    split: Annotated[
+        Literal["train", "val", "calibration", "test"] | None,
+        typer.Option("--split", metavar="SPLIT", help="With --shards: only this split's images."),
     ] = None,
     groups: Annotated[
         Path | None,
@@ -458,58 +526,70 @@ def predict(
 
     with stoppable(kept):
         try:
+            from .mixture import cat_mixtures
             from .predict import (
                 collect_images,
                 find_latest_checkpoint,
-                format_predictions,
-                predict_images,
+                predict_chunks,
+                prediction_output,
                 read_groups,
-                write_output,
             )
 
             if checkpoint is None:
                 checkpoint = find_latest_checkpoint()
                 typer.echo(f"using checkpoint {checkpoint}", err=True)
-            paths, problems = collect_images(images)
+            if group is not None and groups is not None:
+                raise fail("--group and --groups: give one group for every image, or a file of groups, not both")
+            if shards is not None:
+                if images or plot is not None:
+                    raise fail("--shards predicts the images of a shard set: give no image files, and no --plot (it draws files)")
+                source, examples, problems = _shard_examples(shards, split, checkpoint)
+            else:
+                from .data.folder import unlabelled
+
+                paths, problems = collect_images(images or [])
+                source, examples = unlabelled(paths)
             for problem in problems:
                 typer.secho(f"skipped: {problem}", err=True, fg=typer.colors.YELLOW)
-            if not paths:
+            if not examples:
                 raise fail("no images to predict")
             if plot is not None and plot.exists() and not plot.is_dir():
                 raise fail(f"--plot: {plot} is a file; give a folder to write the plots into")
+            if groups is not None or group is not None:
+                import dataclasses
+
+                table = read_groups(groups) if groups is not None else {}
+                examples = [dataclasses.replace(e, group=group if group is not None else table.get(e.path.resolve()))
+                            for e in examples]
             skipped: list[str] = []
 
             def on_skip(message: str) -> None:
                 skipped.append(message)
                 typer.secho(f"skipped: {message}", err=True, fg=typer.colors.YELLOW)
 
-            if group is not None and groups is not None:
-                raise fail("--group and --groups: give one group for every image, or a file of groups, not both")
-            per_image = None
-            if groups is not None:
-                table = read_groups(groups)
-                per_image = [table.get(p.resolve()) for p in paths]
-            elif group is not None:
-                per_image = [group] * len(paths)
-            predictions, mixture = predict_images(paths, checkpoint, device=device, batch_size=batch_size, on_skip=on_skip,
-                                                  levels=_levels(levels), precision=precision, backend=backend,
-                                                  log=lambda message: typer.echo(message, err=True), groups=per_image)
-            if predictions:
-                write_output(format_predictions(predictions, format), output)
-                if output is not None:
-                    wrote.append(f"{counted(len(predictions), 'prediction')} to {output}")
-                    typer.echo(f"wrote {wrote[-1]}", err=True)
-            if plot is not None and predictions:
+            predicted, for_plots = 0, []  # streamed: memory stays flat over any number of images (without --plot)
+            with prediction_output(format, output) as writer:
+                for part, mixture in predict_chunks(source, examples, checkpoint, device=device, batch_size=batch_size,
+                                                    on_skip=on_skip, levels=_levels(levels), precision=precision, backend=backend,
+                                                    log=lambda message: typer.echo(message, err=True)):
+                    writer.add(part)
+                    predicted += len(part)
+                    if plot is not None:
+                        for_plots.append((part, mixture))
+            if predicted and output is not None:
+                wrote.append(f"{counted(predicted, 'prediction')} to {output}")
+                typer.echo(f"wrote {wrote[-1]}", err=True)
+            if plot is not None and predicted:
                 from .plots import checkpoint_label, write_density_plots
 
-                written = write_density_plots(predictions, mixture, plot, checkpoint_label(checkpoint),
-                                              on_written=plots.append)
+                written = write_density_plots([p for part, _ in for_plots for p in part], cat_mixtures([m for _, m in for_plots]),
+                                              plot, checkpoint_label(checkpoint), on_written=plots.append)
                 typer.echo(f"wrote {counted(len(written), 'plot')} to {plot}", err=True)
         except MdnError as e:
             raise fail(str(e), e.exit_code) from None
     if problems or skipped:
         n = len(problems) + len(skipped)
-        raise fail(f"{counted(n, 'input')} could not be read (see above); {len(predictions)} predicted", 1)
+        raise fail(f"{counted(n, 'input')} could not be read (see above); {predicted} predicted", 1)
 
 
 @app.command(cls=Command, epilog="""**Examples**

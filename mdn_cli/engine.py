@@ -20,7 +20,7 @@ from tqdm import tqdm
 from . import interrupts
 from . import mixture as mx
 from .calibration import SELECTION_SCALES, nll_sums
-from .dataset import Batch
+from .data.dataset import Batch
 from .distributed import Dist
 from .errors import TrainingError
 from .mixture import mixture_nll

@@ -24,7 +24,8 @@ from .errors import CheckpointError, RunError
 from .files import temp_path, write_text_atomic
 from .run_folder import lock_run_dir
 from .runtime import select_runtime
-from .splits import SPLITS_FILE, read_splits
+from .data import open_source
+from .data.splits import SPLITS_FILE
 
 # What an ensemble keeps of each member: enough to rebuild and run it, and to say where it came from.
 MEMBER_KEYS = ("config", "model_args", "target_scaler", "model", "epoch", "data", "feature_bank")
@@ -84,7 +85,6 @@ def build_ensemble(
         config = members[0][0]["config"]
         if data_root is not None:
             config = {**config, "data": {**config["data"], "root": str(Path(data_root).resolve())}}
-        root = Path(config["data"]["root"])
         shutil.copyfile(members[0][1], folder / SPLITS_FILE)
         write_text_atomic(folder / "config.yaml", yaml.safe_dump(config, sort_keys=False))  # the first member's
         ensemble = {
@@ -102,11 +102,12 @@ def build_ensemble(
             log(f"ensemble of {len(members)} members: " + ", ".join(
                 f"{s['model_args']['backbone']} ({s['model_args']['components']} components, {s['model_args']['image_size']}px)"
                 for s, _ in members))
-            examples = read_splits(folder / SPLITS_FILE, root, config["data"])
+            source = open_source(config["data"])
+            examples = source.recorded(folder / SPLITS_FILE)
             splits = {name: [e for e in examples if e.split == name] for name in ("train", "val", "calibration", "test")}
             runtime = select_runtime(device, "fp32", what="--precision")
             train_cfg = config["train"]
-            calibrate_checkpoint(staging, train_cfg["calibration"], splits, runtime, num_workers, log, on_skip,
+            calibrate_checkpoint(staging, train_cfg["calibration"], splits, source, runtime, num_workers, log, on_skip,
                                  ood_quantile=train_cfg.get("ood_quantile", 0.99))
             interrupts.check()
             os.replace(staging, path)
@@ -116,7 +117,7 @@ def build_ensemble(
             interrupts.reached("evaluation")
             from .evaluate import evaluate, format_metrics
 
-            evaluation, out, described = evaluate(path, device=device, num_workers=num_workers, on_skip=on_skip, overwrite=True)
+            evaluation, out, described = evaluate(path, runtime=runtime, num_workers=num_workers, on_skip=on_skip, overwrite=True)
             log(f"test metrics of the ensemble ({described}; written to {out}):\n{format_metrics(evaluation.metrics)}")
     finally:
         lock.release()

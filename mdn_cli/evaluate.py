@@ -14,16 +14,18 @@ from pathlib import Path
 
 import torch
 
-from . import interrupts, metrics
+from . import interrupts, metrics, phases
 from . import mixture as mx
 from .calibration import DEFAULT_LEVELS, Calibrated, Calibration, level_key
 from .errors import CheckpointError, DataError
 from .export import OnnxPredictor, is_onnx
 from .files import atomic_writer, write_text_atomic
 from .inference import Predictor
-from .labels import Example, read_labels
+from .data import Source, open_source
+from .data.folder import FolderSource
+from .data.labels import Example
 from .runtime import Runtime, select_runtime
-from .splits import SPLITS_FILE, read_splits
+from .data.splits import SPLITS_FILE
 
 TRUTH_FILE = "truth.csv"
 
@@ -59,25 +61,25 @@ class Evaluation:
 
 def examples_for(
     checkpoint_config: dict, run_dir: Path, data: Path | None, split: str | None
-) -> tuple[list[Example], Path, str]:
-    """The labelled examples to score, their image root, and a description of them.
+) -> tuple[list[Example], Source, str]:
+    """The labelled examples to score, the source of their images, and a description of them.
 
-    Default: the `split` rows of the run's splits.csv, with images under the training data root.
-    With `data`: every row of that labels CSV (image paths relative to its folder), filtered by
-    its split column when `split` is given."""
+    Default: the `split` rows of the run's splits.csv, from the run's own source (its folder or
+    shard set). With `data`: every row of that labels CSV (image paths relative to its folder),
+    filtered by its split column when `split` is given."""
     d = checkpoint_config["data"]
-    transform = d["target_transform"]
     if data is None:
         splits_file = run_dir / SPLITS_FILE
         if not splits_file.is_file():
             raise DataError(f"{splits_file}: not found; evaluate needs the run folder of the checkpoint, or pass --data LABELS.csv")
         split = split or "test"
-        chosen = [e for e in read_splits(splits_file, Path(d["root"]), d) if e.split == split]
+        source = open_source(d)
+        chosen = [e for e in source.recorded(splits_file) if e.split == split]
         if not chosen:
             raise DataError(f"{splits_file}: the run has no '{split}' images; choose another --split or pass --data")
-        return chosen, Path(d["root"]), f"the {len(chosen)} {split} images of {run_dir}"
-    examples = read_labels(data, data.parent, d["image_column"], d["target_column"], d["split_column"], transform,
-                           d.get("group_column")).examples
+        return chosen, source, f"the {len(chosen)} {split} images of {run_dir}"
+    source = FolderSource({**d, "labels": data.name, "shards": None}, data.parent)
+    examples = source.read().examples
     if split is not None:
         if examples[0].split is None:
             raise DataError(f"{data}: --split {split} asks for a split column ('{d['split_column']}'), which this file does not have; "
@@ -85,14 +87,14 @@ def examples_for(
         examples = [e for e in examples if e.split == split]
         if not examples:
             raise DataError(f"{data}: no rows with split '{split}'")
-        return examples, data.parent, f"the {len(examples)} {split} images of {data}"
-    return examples, data.parent, f"the {len(examples)} images of {data}"
+        return examples, source, f"the {len(examples)} {split} images of {data}"
+    return examples, source, f"the {len(examples)} images of {data}"
 
 
 def score_examples(
     predictor: Predictor,
     examples: list[Example],
-    root: Path,
+    source: Source,
     runtime: Runtime,
     num_workers: int | str = "auto",
     on_skip: Callable[[str], None] = print,
@@ -100,8 +102,8 @@ def score_examples(
 ) -> Evaluation:
     """Predict every example and score the predictions: as reported (calibrated), and before any
     calibration, and against the true distribution when the data has one (toy data)."""
-    outputs = predictor.run([e.path for e in examples], runtime, [e.target for e in examples], num_workers=num_workers,
-                            on_skip=on_skip, progress=True, moment="evaluation-batch")
+    loader = predictor.loader(source, examples, num_workers, name="evaluation", pin_memory=runtime.pin_memory)
+    outputs = predictor.run(loader, runtime, on_skip=on_skip, progress=True, moment="evaluation-batch")
     if outputs.targets.numel() == 0:
         raise DataError("no image could be read, nothing to score")
     kept = [examples[i] for i in outputs.indices.tolist()]
@@ -122,7 +124,7 @@ def score_examples(
         for name, rows in (("flagged", flagged), ("not_flagged", ~flagged)):
             if rows.any():
                 result["unfamiliar"][name] = metrics.score(pred[rows], y[rows], levels)
-    oracle = oracle_mixture(kept, root)
+    oracle = oracle_mixture(kept, source.root) if source.root is not None else None  # the toy data's truth.csv, beside its images
     if oracle is not None:
         result["oracle"] = {
             "nll": float(-mx.log_prob(oracle, y).mean()),
@@ -170,22 +172,24 @@ def evaluate(
     overwrite: bool = False,
     levels: tuple[float, ...] = DEFAULT_LEVELS,
     precision: str = "fp32",
+    runtime: Runtime | None = None,
 ) -> tuple[Evaluation, Path, str]:
     """Score `checkpoint`; write metrics.json, predictions.csv and plots to `output` (default: see
     `default_output`). Results of other inputs already there are never replaced unless `overwrite`.
-    Returns the evaluation, the output folder and what was scored."""
+    `runtime`: the device and precision chosen already (training, ensembles); else from `device`
+    and `precision`. Returns the evaluation, the output folder and what was scored."""
     if is_onnx(checkpoint):
         OnnxPredictor(checkpoint)  # a damaged file is said to be one
         raise CheckpointError(f"{checkpoint}: an exported model; mdn evaluate scores the checkpoint it was exported from (a .pt, "
                               "whose run folder knows the splits and the calibration's raw scores)")
-    runtime = select_runtime(device, precision, what="--precision")
+    runtime = runtime or select_runtime(device, precision, what="--precision")
     predictor, ckpt = Predictor.from_checkpoint(checkpoint, runtime)
     run_dir = Path(checkpoint).parent
-    examples, root, described = examples_for(ckpt["config"], run_dir, data, split)
+    examples, source, described = examples_for(ckpt["config"], run_dir, data, split)
     output = output or default_output(run_dir, data, split)
     header = {"checkpoint": str(Path(checkpoint).resolve()), "data": described}
     _check_output(output, header, overwrite)
-    evaluation = score_examples(predictor, examples, root, runtime, num_workers=num_workers, on_skip=on_skip, levels=levels)
+    evaluation = score_examples(predictor, examples, source, runtime, num_workers=num_workers, on_skip=on_skip, levels=levels)
     interrupts.reached("results-write")
     interrupts.check()
     try:
@@ -197,7 +201,8 @@ def evaluate(
             from .config import target_label
             from .plots import evaluation_plots
 
-            evaluation_plots(evaluation, output, target_label(ckpt["config"]["data"]))
+            with phases.timed("plots"):
+                evaluation_plots(evaluation, output, target_label(ckpt["config"]["data"]))
     except OSError as e:
         raise DataError(f"{output}: cannot write evaluation results ({e.strerror})") from None
     return evaluation, output, described

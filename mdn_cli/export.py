@@ -21,8 +21,9 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -262,8 +263,14 @@ class OnnxPredictor:
     def run(self, batches, on_skip: Callable[[str], None]) -> tuple[Mixture | None, torch.Tensor | None, torch.Tensor]:
         """Batches of prepared uint8 images (N, 3, S, S) -> the calibrated mixtures, the ood scores
         and the index of each row in the list of images."""
+        parts = list(self.stream(batches, on_skip))
+        return parts[0] if parts else (None, None, torch.empty(0, dtype=torch.int64))
+
+    def stream(self, batches, on_skip: Callable[[str], None], chunk: int = sys.maxsize
+               ) -> Iterator[tuple[Mixture, torch.Tensor | None, torch.Tensor]]:
+        """`run`, a chunk of at least `chunk` images at a time (memory stays flat)."""
         parts: list[list[torch.Tensor]] = []
-        indices = []
+        indices: list[torch.Tensor] = []
         for batch in batches:
             interrupts.reached("predict-batch")
             interrupts.check()
@@ -272,9 +279,11 @@ class OnnxPredictor:
             if batch.images.shape[0]:
                 parts.append(self._outputs(batch.images))
                 indices.append(batch.indices)
-        if not parts:
-            return None, None, torch.empty(0, dtype=torch.int64)
-        return *self._mixture([torch.cat(column) for column in zip(*parts)]), torch.cat(indices)
+            if parts and sum(len(i) for i in indices) >= chunk:
+                yield *self._mixture([torch.cat(column) for column in zip(*parts)]), torch.cat(indices)
+                parts, indices = [], []
+        if parts:
+            yield *self._mixture([torch.cat(column) for column in zip(*parts)]), torch.cat(indices)
 
 
 def is_onnx(path: Path) -> bool:

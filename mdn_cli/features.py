@@ -5,14 +5,14 @@ Under torchrun the features are computed and held once per machine, split over i
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from .dataset import ImageRegressionDataset, close_loader, make_loader
+from .data import Source
+from .data.labels import Example
 from .distributed import Dist
 from .model import MDNRegressor
 from .runtime import Runtime, run_model
@@ -47,8 +47,8 @@ class BackboneFeatures(nn.Module):
 
 def cached_features(
     model: MDNRegressor,
-    paths: list[Path],
-    targets: list[float],
+    examples: list[Example],
+    source: Source,
     runtime: Runtime,
     dist: Dist,
     batch_size: int,
@@ -56,21 +56,20 @@ def cached_features(
     on_skip: Callable[[str], None],
     name: str,
 ) -> FeatureDataset:
-    """Backbone features of every image of `paths` that decodes, computed once per machine: each of
-    its processes computes an interleaved share into one shared tensor (N, D)."""
-    n = len(paths)
+    """Backbone features of every image of `examples` (from `source`) that decodes, computed once
+    per machine: each of its processes computes an interleaved share into one shared tensor (N, D)."""
+    n = len(examples)
     features = dist.machine_tensor(f"features-{name}", (n, model.feature_dim), torch.float32)
     decoded = dist.machine_tensor(f"features-{name}-decoded", (n,), torch.uint8)
-    share = list(range(dist.local_rank, n, dist.local_world_size))
-    dataset = ImageRegressionDataset(paths, targets, model.args.image_size)
-    loader = make_loader(dataset, batch_size, num_workers, share, pin_memory=runtime.pin_memory, name="feature")
+    loader = source.loader(examples, model.args.image_size, batch_size, num_workers, rank=dist.local_rank,
+                           world_size=dist.local_world_size, pin_memory=runtime.pin_memory, name="feature")
     batches = tqdm(loader, desc=f"backbone features ({name})", unit="batch", leave=False, disable=not dist.is_main)
     try:
         out = run_model(BackboneFeatures(model), batches, runtime, on_skip, moment="feature-batch")
     finally:
-        close_loader(loader)
+        loader.close()
     if len(out.indices):
         features[out.indices] = out.heads[0]
         decoded[out.indices] = 1
     dist.barrier()  # every share written
-    return FeatureDataset(features, targets, decoded.nonzero().squeeze(1))
+    return FeatureDataset(features, [e.target for e in examples], decoded.nonzero().squeeze(1))

@@ -10,9 +10,9 @@ downscaled (antialiased) inside their forward pass, so every path (files, upload
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,12 +22,14 @@ from tqdm import tqdm
 from . import interrupts
 from .calibration import Calibrated, Calibration
 from .checkpoint import load_checkpoint
-from .dataset import Batch, ImageRegressionDataset, close_loader, make_loader, resolve_num_workers
+from .data import BatchLoader, Source
+from .data.dataset import Batch, resolve_num_workers
+from .data.labels import Example
 from .errors import CheckpointError
 from .mixture import Mixture
 from .model import MDNRegressor, ModelArgs
 from .ood import FeatureBank, StageStatistics, UnfamiliarImages
-from .runtime import Outputs, Runtime, run_model
+from .runtime import Outputs, Runtime, concat, model_outputs, run_model
 from .targets import TargetScaler
 
 
@@ -57,6 +59,8 @@ class EnsembleForward(nn.Module):
         super().__init__()
         self.members = nn.ModuleList(members)
         self.stages = [StageStatistics(m.backbone) for m in members]
+        for model, stages in zip(members, self.stages):
+            stages.plan(model.args.image_size)
         self.counts: list[int] = []
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -170,27 +174,27 @@ class Predictor:
         batch = Batch(images, torch.full((n,), math.nan, dtype=torch.float64), torch.arange(n), torch.full((n,), -1), [])
         return self._collect(run_model(self.forward, [batch], runtime, on_skip=print))
 
-    def run(
-        self,
-        paths: list[Path],
-        runtime: Runtime,
-        targets: list[float] | None = None,
-        batch_size: int = 64,
-        num_workers: int | str = "auto",
-        on_skip: Callable[[str], None] = print,
-        progress: bool = False,
-        moment: str = "predict-batch",
-    ) -> Predictions:
-        """Predictions for every image of `paths` that decodes (unlabelled: NaN targets). Each batch
-        is a safe point for a stop (`moment` names it for tests)."""
-        dataset = ImageRegressionDataset(paths, targets if targets is not None else [math.nan] * len(paths), self.image_size)
-        workers = 0 if len(paths) <= batch_size else resolve_num_workers(num_workers)
-        loader = make_loader(dataset, batch_size, workers, pin_memory=runtime.pin_memory, name=moment.removesuffix("-batch"))
+    def run(self, loader: BatchLoader, runtime: Runtime, on_skip: Callable[[str], None] = print, progress: bool = False,
+            moment: str = "predict-batch") -> Predictions:
+        """Predictions for every image of a source's loader that decodes (`Predictor.loader`); the
+        loader is closed afterwards. Each batch is a safe point for a stop (`moment` names it)."""
+        parts = list(self.stream(loader, runtime, on_skip, progress, moment))
+        return parts[0] if len(parts) == 1 else self._collect(concat([]))
+
+    def stream(self, loader: BatchLoader, runtime: Runtime, on_skip: Callable[[str], None] = print, progress: bool = False,
+               moment: str = "predict-batch", chunk: int = sys.maxsize) -> Iterator[Predictions]:
+        """`run`, a chunk of at least `chunk` images at a time (memory stays flat)."""
         batches = tqdm(loader, desc="predicting", unit="batch", leave=False, disable=not progress or len(loader) < 2)
         try:
-            return self._collect(run_model(self.forward, batches, runtime, on_skip, moment))
+            for outputs in model_outputs(self.forward, batches, runtime, on_skip, moment, chunk):
+                yield self._collect(outputs)
         finally:
-            close_loader(loader)
+            loader.close()
+
+    def loader(self, source: Source, examples: list[Example], num_workers: int | str = "auto", batch_size: int = 64,
+               name: str = "predict", pin_memory: bool = False) -> BatchLoader:
+        """A loader of `examples`' images from `source`, prepared at this predictor's input size."""
+        return source.loader(examples, self.image_size, batch_size, resolve_num_workers(num_workers), pin_memory=pin_memory, name=name)
 
     def _collect(self, outputs: Outputs) -> Predictions:
         heads, features, start = [], [], 0

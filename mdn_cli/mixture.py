@@ -89,6 +89,11 @@ class Mixture:
         return replace(self, weights=self.weights[idx], means=self.means[idx], stds=self.stds[idx])
 
 
+def cat_mixtures(parts: list[Mixture]) -> Mixture:
+    """The rows of several batches of mixtures (same K and transform) as one."""
+    return Mixture(*(torch.cat([getattr(m, k) for m in parts]) for k in ("weights", "means", "stds")), parts[0].transform)
+
+
 def _target(m: Mixture, y) -> Tensor:
     """y in target units -> float64 (N,) on the mixture's device; a scalar is broadcast."""
     y = torch.as_tensor(y).to(dtype=_F64, device=m.means.device)

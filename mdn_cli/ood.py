@@ -19,6 +19,7 @@ Reported: ood_score = score / threshold; above 1 means flagged.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -36,18 +37,40 @@ class StageStatistics:
     activation at each spatial resolution: one vector per stage, largest resolution first.
 
     The statistics are taken when the layer runs (a later in-place op, such as a residual `+=`,
-    may change the tensor). The first pass at an input size computes them at every layer and
-    notes which layer is last at each resolution; later passes compute them at those layers only
-    (at every layer, they made predictions 3x slower)."""
+    may change the tensor), at the layers of the input size's plan only: which layer is last at
+    each resolution. `plan(size)` finds them with a one-image pass that computes nothing else;
+    an input size without a plan gets one from its first pass, which then computes the statistics
+    at every layer (at every layer on every pass, they made predictions 3x slower)."""
 
     def __init__(self, backbone: nn.Module):
+        self.backbone = backbone
         self.latest: dict[tuple[int, int], torch.Tensor] = {}
         self.last: dict[tuple[int, int], int] = {}  # resolution -> id of the last layer seen there, this pass
         self.plans: dict[tuple[int, int], set[int]] = {}  # input size -> ids of the layers to record
         self.size: tuple[int, int] = (0, 0)
+        self.planning = False
         leaves = [m for m in backbone.modules() if not any(True for _ in m.children())]
         self.handles = [backbone.register_forward_pre_hook(self._start)]
         self.handles += [m.register_forward_hook(self._record) for m in leaves]
+
+    @torch.no_grad()
+    def plan(self, size: int) -> None:
+        """Find the layers to record for square inputs of `size` (one image through the backbone in
+        eval mode; every module's mode is restored)."""
+        if (size, size) in self.plans:
+            return
+        parameter = next(self.backbone.parameters())
+        modes = [(m, m.training) for m in self.backbone.modules()]
+        self.backbone.eval()
+        self.planning = True
+        try:
+            self.backbone(torch.zeros(1, 3, size, size, dtype=parameter.dtype, device=parameter.device))
+            self.plans[(size, size)] = set(self.last.values())
+        finally:
+            self.planning = False
+            self.latest, self.last = {}, {}
+            for m, training in modes:
+                m.training = training
 
     def _start(self, module: nn.Module, args) -> None:
         self.size = (int(args[0].shape[-2]), int(args[0].shape[-1]))  # ints: an exporter may trace sizes as tensors
@@ -58,6 +81,9 @@ class StageStatistics:
         if plan is not None and id(module) not in plan:
             return
         if isinstance(output, torch.Tensor) and output.ndim == 4 and min(output.shape[-2:]) > 1:
+            if self.planning:
+                self.last[(int(output.shape[-2]), int(output.shape[-1]))] = id(module)
+                return
             x = output.float()
             mean = x.mean((2, 3), keepdim=True)
             std = (x - mean).square().mean((2, 3)).sqrt()  # two passes: 3x faster than torch.std on CPUs, as exact
@@ -87,13 +113,18 @@ class FeatureBank:
     scales: list[float]
     k: int = NEIGHBOURS
 
+    @functools.cached_property
+    def _vectors64(self) -> list[torch.Tensor]:
+        return [v.double() for v in self.vectors]
+
     def distances(self, vectors: list[torch.Tensor]) -> torch.Tensor:
-        """(N,) float64: mean over kinds of the scaled k-th nearest-neighbour distance."""
+        """(N,) float64: mean over kinds of the scaled k-th nearest-neighbour distance. The cosines
+        are float64: near 1, float32's rounding moved a score by 1e-5 with the rows batched together."""
         total = 0.0
-        for bank, x, scale in zip(self.vectors, vectors, self.scales):
+        for bank, x, scale in zip(self._vectors64, vectors, self.scales):
             k = min(self.k, bank.shape[0])
-            similarity = (normalise(x) @ bank.T).topk(k, dim=1).values[:, -1]  # k-th nearest = k-th largest cosine
-            total = total + (2.0 - 2.0 * similarity.double()).clamp_min(0.0).sqrt() / scale
+            similarity = (normalise(x).double() @ bank.T).topk(k, dim=1).values[:, -1]  # k-th nearest = k-th largest cosine
+            total = total + (2.0 - 2.0 * similarity).clamp_min(0.0).sqrt() / scale
         return total / len(self.vectors)
 
     def state(self) -> dict:

@@ -145,7 +145,7 @@ def predicted_vs_true_figure(evaluation, images: str, label: str) -> Figure:
     images: one light line per interval and a dot per median. Above, where 3000 lines are a
     blur: a 2-D histogram of the medians, the misses as red dots, and the typical interval
     per decile of the true value (coverage_by_bin.png has the coverage per decile)."""
-    m, y, calibration = evaluation.mixture, evaluation.targets, evaluation.calibration
+    m, y = evaluation.mixture, evaluation.targets
     n = len(y)
     level = max(evaluation.levels)
     key = level_key(level)

@@ -8,9 +8,11 @@ import io
 import json
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 import torch
 
@@ -18,9 +20,11 @@ from . import interrupts
 from . import mixture as mx
 from . import modes as md
 from .calibration import DEFAULT_LEVELS, Calibrated, Calibration, level_key
-from .dataset import ImageRegressionDataset, close_loader, make_loader, resolve_num_workers
+from .data import Source
+from .data.dataset import resolve_num_workers
+from .data.labels import Example
 from .errors import CheckpointError, ConfigError, DataError
-from .files import write_text_atomic
+from .files import atomic_writer
 from .export import (
     ONNX_HELP,
     OnnxPredictor,
@@ -189,8 +193,13 @@ class Prediction:
     """{"name", "unit"} of what is predicted."""
 
 
-def predict_images(
-    images: list[Path],
+CHUNK = 1024
+"""Images summarised at a time by `predict_chunks`: memory stays flat over any number of images."""
+
+
+def predict_chunks(
+    source: Source,
+    examples: list[Example],
     checkpoint: Path,
     device: str = "auto",
     batch_size: int = 32,
@@ -201,36 +210,51 @@ def predict_images(
     precision: str = "fp32",
     backend: str = "auto",
     log: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
-    groups: list[str | None] | None = None,
-) -> tuple[list[Prediction], mx.Mixture | None]:
-    """Batched inference over `images` with a checkpoint (.pt) or an exported model (.onnx);
-    unreadable images are reported through `on_skip`. `backend`: torch, onnxruntime, or auto:
-    onnxruntime for fp32 on a CPU when it is installed (faster there than PyTorch), PyTorch
-    otherwise. `groups`: each image's group, for a model calibrated by group."""
+    chunk: int | None = None,
+) -> Iterator[tuple[list[Prediction], mx.Mixture]]:
+    """Batched inference over `examples` from `source` (image files: `data.folder.unlabelled`)
+    with a checkpoint (.pt) or an exported model (.onnx), yielding the predictions of about
+    `chunk` images at a time and their mixtures (target space, as reported): nothing grows with
+    the number of images. Unreadable images are reported through `on_skip`; each example's group
+    (`Example.group`) picks its calibration when the model was calibrated by group. `backend`:
+    torch, onnxruntime, or auto: onnxruntime for fp32 on a CPU when it is installed (faster there
+    than PyTorch), PyTorch otherwise. `chunk`: default CHUNK."""
+    chunk = chunk or CHUNK
     model = onnx_predictor_for(checkpoint, backend, device, precision, log)
+    workers = resolve_num_workers(num_workers)
     if model is not None:
-        dataset = ImageRegressionDataset(images, [math.nan] * len(images), model.image_size)
-        loader = make_loader(dataset, batch_size, 0 if len(images) <= batch_size else resolve_num_workers(num_workers), name="predict")
+        loader = source.loader(examples, model.image_size, batch_size, workers, name="predict")
         try:
-            m, ood, indices = model.run(loader, on_skip)
+            for i, (m, ood, indices) in enumerate(model.stream(loader, on_skip, chunk)):
+                if i == 0:
+                    _note_uncalibrated(model.calibration, checkpoint, log)
+                kept = [examples[j] for j in indices.tolist()]
+                summaries = summarize(model.calibration.attach(m, [e.group for e in kept]), levels, model.member_sizes, ood)
+                yield [Prediction(e.image, s, model.target) for e, s in zip(kept, summaries)], m
         finally:
-            close_loader(loader)
-        if m is None:
-            return [], None
-        _note_uncalibrated(model.calibration, checkpoint, log)
-        kept = indices.tolist()
-        pred = model.calibration.attach(m, [groups[i] for i in kept] if groups else None)
-        summaries = summarize(pred, levels, model.member_sizes, ood)
-        return [Prediction(str(images[i]), s, model.target) for i, s in zip(kept, summaries)], m
+            loader.close()
+        return
     runtime = select_runtime(device, precision, what="--precision")
     predictor, _ = Predictor.from_checkpoint(checkpoint, runtime)
-    predictions = predictor.run(images, runtime, batch_size=batch_size, num_workers=num_workers, on_skip=on_skip, progress=progress)
-    if len(predictions.indices) == 0:
+    loader = predictor.loader(source, examples, workers, batch_size, pin_memory=runtime.pin_memory)
+    for i, predictions in enumerate(predictor.stream(loader, runtime, on_skip=on_skip, progress=progress, chunk=chunk)):
+        if i == 0:
+            _note_uncalibrated(predictor.calibration, checkpoint, log)
+        kept = [examples[j] for j in predictions.indices.tolist()]
+        summaries = records(predictor, predictions, levels, [e.group for e in kept])
+        yield [Prediction(e.image, s, predictor.target) for e, s in zip(kept, summaries)], predictor.mixture(predictions)
+
+
+def predict_images(source: Source, examples: list[Example], checkpoint: Path, **options) -> tuple[list[Prediction], mx.Mixture | None]:
+    """Every prediction of `predict_chunks` (same options) at once, and their mixtures (None when
+    no image could be read)."""
+    predictions, mixtures = [], []
+    for part, m in predict_chunks(source, examples, checkpoint, **options):
+        predictions += part
+        mixtures.append(m)
+    if not mixtures:
         return [], None
-    _note_uncalibrated(predictor.calibration, checkpoint, log)
-    order = predictions.indices.tolist()
-    summaries = records(predictor, predictions, levels, [groups[i] for i in order] if groups else None)
-    return [Prediction(str(images[i]), s, predictor.target) for i, s in zip(order, summaries)], predictor.mixture(predictions)
+    return predictions, mx.cat_mixtures(mixtures)
 
 
 def _note_uncalibrated(calibration: Calibration, checkpoint: Path, log: Callable[[str], None]) -> None:
@@ -244,11 +268,48 @@ def _note_uncalibrated(calibration: Calibration, checkpoint: Path, log: Callable
 
 
 def format_predictions(predictions: list[Prediction], fmt: str) -> str:
-    if fmt == "json":
-        return json.dumps([{"image": p.image, **p.summary} for p in predictions], indent=2) + "\n"
-    if fmt == "csv":
-        return _csv(predictions)
-    return _table(predictions)
+    """All of `predictions` in one format (what PredictionWriter writes piece by piece)."""
+    buffer = io.StringIO()
+    writer = PredictionWriter(fmt, lambda: buffer)
+    writer.add(predictions)
+    writer.finish()
+    return buffer.getvalue()
+
+
+class PredictionWriter:
+    """Predictions written as they come, in a format: CSV rows and JSON records straight to `out`,
+    a table's rows kept as text (aligned at the end). Nothing else is held, so memory stays flat
+    over any number of images."""
+
+    def __init__(self, fmt: str, out: Callable[[], IO[str]]):
+        """`out`: opens the text stream to write to, when the first prediction comes (none: nothing
+        is written, not even an empty file)."""
+        self.fmt, self.open, self.count = fmt, out, 0
+        self.csv: Any = None
+        self.table = _Table() if fmt == "table" else None
+
+    def add(self, predictions: list[Prediction]) -> None:
+        if predictions and self.count == 0:
+            self.out = self.open()
+            self.csv = csv.writer(self.out, lineterminator="\n") if self.fmt == "csv" else None
+        for p in predictions:
+            if self.fmt == "json":
+                text = json.dumps({"image": p.image, **p.summary}, indent=2).replace("\n", "\n  ")
+                self.out.write(("[\n  " if self.count == 0 else ",\n  ") + text)
+            elif self.csv is not None:
+                if self.count == 0:
+                    self.columns = _csv_columns(p.summary)
+                    self.csv.writerow(self.columns[0])
+                self.csv.writerow(_csv_row(p, self.columns[1]))
+            else:
+                self.table.add(p)
+            self.count += 1
+
+    def finish(self) -> None:
+        if self.count and self.fmt == "json":
+            self.out.write("\n]\n")
+        elif self.count and self.table is not None:
+            self.out.write(self.table.text())
 
 
 def _interval_keys(summary: dict) -> list[str]:
@@ -267,22 +328,23 @@ def _region(pieces: list) -> str:
 SCALARS = ("mean", "std", "std_aleatoric", "std_epistemic", "median", "mode")
 
 
-def _csv(predictions: list[Prediction]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    first = predictions[0].summary if predictions else {}
+def _csv_columns(first: dict) -> tuple[list[str], tuple]:
+    """The CSV header for records like `first`, and what each row needs to follow it."""
     keys = _interval_keys(first)
     ood = ["ood_score", "in_distribution"] if "ood_score" in first else []
     regions = [k for k in first if k.startswith("hdr_")]
-    writer.writerow(["image", *SCALARS, *(f"{k}_{end}" for k in keys for end in ("low", "high")), *regions, "modes", *ood,
-                     "target_transform", "calibration", "calibrated_with", "components"])
-    for p in predictions:
-        s = p.summary
-        ends = [repr(v) if v is not None else "" for k in keys for v in s[k]]
-        writer.writerow([p.image, *(repr(s[k]) for k in SCALARS), *ends, *(json.dumps(s[k]) for k in regions),
-                         json.dumps(s["modes"]), *(s[k] for k in ood), s["target_transform"], s["calibration"]["method"],
-                         json.dumps(s["calibration"].get("calibrated_with", {})), json.dumps(s["components"])])
-    return buffer.getvalue()
+    header = ["image", *SCALARS, *(f"{k}_{end}" for k in keys for end in ("low", "high")), *regions, "modes", *ood,
+              "target_transform", "calibration", "calibrated_with", "components"]
+    return header, (keys, regions, ood)
+
+
+def _csv_row(p: Prediction, columns: tuple) -> list:
+    keys, regions, ood = columns
+    s = p.summary
+    ends = [repr(v) if v is not None else "" for k in keys for v in s[k]]
+    return [p.image, *(repr(s[k]) for k in SCALARS), *ends, *(json.dumps(s[k]) for k in regions), json.dumps(s["modes"]),
+            *(s[k] for k in ood), s["target_transform"], s["calibration"]["method"],
+            json.dumps(s["calibration"].get("calibrated_with", {})), json.dumps(s["components"])]
 
 
 def _fmt(x: float | None, low_end: bool = False) -> str:
@@ -291,66 +353,82 @@ def _fmt(x: float | None, low_end: bool = False) -> str:
     return f"{x:.4g}" if abs(x) < 1e5 else f"{x:.3e}"
 
 
-def _table(predictions: list[Prediction]) -> str:
-    keys = _interval_keys(predictions[0].summary) if predictions else []
-    ensemble = any(p.summary["std_epistemic"] > 0 for p in predictions)
-    header = ("image", "mean", "std", *(("aleatoric", "epistemic") if ensemble else ()), "median", "mode",
-              *(f"{k.removeprefix('interval_')}% interval" for k in keys), "components (share: mean ± std)")
-    rows = []
-    for p in predictions:
+class _Table:
+    """The table format: one row per image, then the notes (several likely answers, unfamiliar
+    images, the intervals' guarantee, calibration warnings); kept as text until `text`."""
+
+    def __init__(self):
+        self.rows: list[tuple[str, ...]] = []
+        self.notes: list[str] = []
+        self.flags: list[str] = []
+        self.keys: list[str] | None = None
+        self.target: dict | None = None
+        self.ensemble = False
+        self.guarantees: dict[str, None] = {}
+        self.warnings: dict[str, list[str]] = {}
+
+    def add(self, p: Prediction) -> None:
         s = p.summary
+        if self.keys is None:
+            self.keys, self.target = _interval_keys(s), p.target
+        self.ensemble = self.ensemble or s["std_epistemic"] > 0
         space = "log " if s["target_transform"] == "log" else ""
         comps = ", ".join(f"{c['weight']:.2f}: {space}{_fmt(c['mean'])} ± {_fmt(c['std'])}" for c in s["components"] if c["weight"] >= 0.01)
         flag = "  ⚠" if s.get("in_distribution") is False else ""
-        rows.append(
-            (p.image + flag, _fmt(s["mean"]), _fmt(s["std"]), *((_fmt(s["std_aleatoric"]), _fmt(s["std_epistemic"])) if ensemble else ()),
-             _fmt(s["median"]), _fmt(s["mode"]), *(f"[{_fmt(s[k][0], True)}, {_fmt(s[k][1])}]" for k in keys), comps)
-        )
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
-    target = predictions[0].target if predictions else None
-    if target:
-        unit = f" ({target['unit']})" if target["unit"] else ""
-        lines.insert(0, f"predicted {target['name']}{unit}:")
-    for p in predictions:
-        answers = likely_answers(p.summary)
+        self.rows.append((p.image + flag, _fmt(s["mean"]), _fmt(s["std"]), _fmt(s["std_aleatoric"]), _fmt(s["std_epistemic"]),
+                          _fmt(s["median"]), _fmt(s["mode"]), *(f"[{_fmt(s[k][0], True)}, {_fmt(s[k][1])}]" for k in self.keys), comps))
+        answers = likely_answers(s)
         if len(answers) > 1:
             words = {2: "two", 3: "three", 4: "four"}.get(len(answers), str(len(answers)))
             said = " and ".join(f"~{_fmt(a['location'])} ({a['mass']:.0%})" for a in answers)
-            regions = "; ".join(f"{k.removeprefix('hdr_')}% most likely in {_region(p.summary[k])}" for k in p.summary if k.startswith("hdr_"))
-            lines.append(f"{p.image}: {words} likely answers: {said}; {regions}")
-    for p in predictions:
-        if p.summary.get("in_distribution") is False:
-            lines.append(f"⚠ {p.image}: unlike the images the model was trained on (ood score {p.summary['ood_score']:.2f}, "
-                         "above 1 flags): its numbers may be confidently wrong")
-    if predictions:
-        for guarantee in dict.fromkeys(p.summary["calibration"]["guarantee"] for p in predictions):
-            lines.append(f"intervals: {guarantee}")
-        for warning, names in _grouped((p.summary["calibration"].get("warning"), p.image) for p in predictions).items():
-            lines.append(f"warning: {warning} ({_images(names)})" if len(predictions) > 1 else f"warning: {warning}")
-    return "\n".join(lines) + "\n"
+            regions = "; ".join(f"{k.removeprefix('hdr_')}% most likely in {_region(s[k])}" for k in s if k.startswith("hdr_"))
+            self.notes.append(f"{p.image}: {words} likely answers: {said}; {regions}")
+        if s.get("in_distribution") is False:
+            self.flags.append(f"⚠ {p.image}: unlike the images the model was trained on (ood score {s['ood_score']:.2f}, "
+                              "above 1 flags): its numbers may be confidently wrong")
+        self.guarantees[s["calibration"]["guarantee"]] = None
+        warning = s["calibration"].get("warning")
+        if warning is not None:
+            self.warnings.setdefault(warning, []).append(p.image)
 
-
-def _grouped(pairs) -> dict:
-    """{key: [values]} for the pairs whose key is not None, keys in first-seen order."""
-    out: dict = {}
-    for key, value in pairs:
-        if key is not None:
-            out.setdefault(key, []).append(value)
-    return out
+    def text(self) -> str:
+        keep = [i for i in range(len(self.rows[0]) if self.rows else 0) if self.ensemble or i not in (3, 4)]
+        header = ("image", "mean", "std", "aleatoric", "epistemic", "median", "mode",
+                  *(f"{k.removeprefix('interval_')}% interval" for k in self.keys or []), "components (share: mean ± std)")
+        table = [tuple(row[i] for i in keep) for row in [header, *self.rows]]
+        widths = [max(len(r[i]) for r in table) for i in range(len(keep))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+        if self.target:
+            unit = f" ({self.target['unit']})" if self.target["unit"] else ""
+            lines.insert(0, f"predicted {self.target['name']}{unit}:")
+        lines += self.notes + self.flags + [f"intervals: {g}" for g in self.guarantees]
+        for warning, names in self.warnings.items():
+            lines.append(f"warning: {warning} ({_images(names)})" if len(self.rows) > 1 else f"warning: {warning}")
+        return "\n".join(lines) + "\n"
 
 
 def _images(names: list[str]) -> str:
     return ", ".join(names) if len(names) <= 3 else f"{', '.join(names[:3])} and {len(names) - 3} more"
 
 
-def write_output(text: str, output: Path | None) -> None:
-    interrupts.reached("output-write")
+@contextmanager
+def prediction_output(fmt: str, output: Path | None) -> Iterator[PredictionWriter]:
+    """A PredictionWriter to stdout, or to `output`: written to a temp file beside it as the
+    predictions come, and put in place whole at the end (a stop or an error before then leaves
+    no partial file; a stop asked for while it is put in place waits for it)."""
     if output is None:
-        print(text, end="")
+        writer = PredictionWriter(fmt, lambda: sys.stdout)
+        yield writer
+        interrupts.reached("output-write")
+        writer.finish()
         return
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"{output}: cannot write output ({e.strerror})") from None
-    write_text_atomic(output, text)
+    with ExitStack() as stack:
+        writer = PredictionWriter(fmt, lambda: stack.enter_context(atomic_writer(output)))
+        yield writer
+        interrupts.reached("output-write")
+        stack.enter_context(interrupts.interrupts_held())  # leaves after the file is in place (last in, first out)
+        writer.finish()

@@ -25,7 +25,7 @@ RUN_FILES = (
 # what the epochs done so far mean.
 RESUMABLE_CHANGES = {
     "train.epochs", "train.early_stopping_patience", "train.extend_lr_scale", "train.precision", "train.compile",
-    "data.num_workers", "data.cache", "data.cache_dir", "run.device", "run.tensorboard",
+    "data.num_workers", "data.cache", "data.cache_dir", "data.shard_cache_dir", "data.shard_cache_gb", "run.device", "run.tensorboard",
 }
 
 

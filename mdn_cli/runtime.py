@@ -1,10 +1,12 @@
 """Device and numeric precision, decided once per command and passed down; running a module over
-batches on them (`run_model`: validation, cached features, calibration, evaluation, prediction)."""
+batches on them (`model_outputs`, `run_model`: validation, cached features, calibration, evaluation,
+prediction)."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -14,7 +16,7 @@ from . import interrupts
 from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from .dataset import Batch
+    from .data.dataset import Batch
 
 
 @dataclass(frozen=True)
@@ -118,17 +120,16 @@ class Outputs:
     """(N,) int64: dataset index of each row."""
 
 
-@torch.inference_mode()
-def run_model(model: torch.nn.Module, batches: Iterable[Batch], runtime: Runtime, on_skip: Callable[[str], None],
-              moment: str = "batch") -> Outputs:
-    """Run `model` over `batches` in eval mode; `on_skip(message)` for each image that did not decode.
-    Every submodule's own mode is restored afterwards (a frozen backbone stays in eval mode while
-    the head trains). Each batch is a safe point for a stop (`moment` names it for tests)."""
+def model_outputs(model: torch.nn.Module, batches: Iterable[Batch], runtime: Runtime, on_skip: Callable[[str], None],
+                  moment: str = "batch", chunk: int = sys.maxsize) -> Iterator[Outputs]:
+    """Run `model` over `batches` in eval mode, yielding the outputs of every `chunk` images (at
+    least) that decoded, in loader order: memory stays flat over any number of images. `on_skip(message)`
+    for each image that did not decode. Every submodule's own mode is restored afterwards (a frozen
+    backbone stays in eval mode while the head trains). Each batch is a safe point for a stop
+    (`moment` names it for tests)."""
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
-    heads: list[tuple[torch.Tensor, ...]] = []
-    targets: list[torch.Tensor] = []
-    indices: list[torch.Tensor] = []
+    parts: list[Outputs] = []
     try:
         for batch in batches:
             interrupts.reached(moment)
@@ -137,14 +138,30 @@ def run_model(model: torch.nn.Module, batches: Iterable[Batch], runtime: Runtime
                 on_skip(message)
             if batch.images.shape[0] == 0:
                 continue
-            with runtime.autocast():
+            with torch.inference_mode(), runtime.autocast():
                 out = model(runtime.images(batch.images))
-            heads.append(tuple(o.float().cpu() for o in (out if isinstance(out, tuple) else (out,))))
-            targets.append(batch.targets)
-            indices.append(batch.indices)
+            heads = tuple(o.float().cpu() for o in (out if isinstance(out, tuple) else (out,)))
+            parts.append(Outputs(heads, batch.targets, batch.indices))
+            if sum(len(p.indices) for p in parts) >= chunk:
+                yield concat(parts)
+                parts = []
+        if parts:
+            yield concat(parts)
     finally:
         for module, training in modes:
             module.training = training
-    if not heads:
+
+
+def concat(parts: list[Outputs]) -> Outputs:
+    if not parts:
         return Outputs((), torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.int64))
-    return Outputs(tuple(torch.cat(p) for p in zip(*heads)), torch.cat(targets), torch.cat(indices))
+    if len(parts) == 1:
+        return parts[0]
+    return Outputs(tuple(torch.cat(p) for p in zip(*(part.heads for part in parts))), torch.cat([p.targets for p in parts]),
+                   torch.cat([p.indices for p in parts]))
+
+
+def run_model(model: torch.nn.Module, batches: Iterable[Batch], runtime: Runtime, on_skip: Callable[[str], None],
+              moment: str = "batch") -> Outputs:
+    """`model_outputs` of every image at once."""
+    return concat(list(model_outputs(model, batches, runtime, on_skip, moment)))

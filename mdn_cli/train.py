@@ -26,23 +26,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import interrupts, started_at
+from . import interrupts, phases
 from .backbones import check_image_size, get_backbone
-from .cache import DecodedCache, cache_directory
+from .data.cache import DecodedCache, cache_directory
 from .calibrate import calibrate_checkpoint
 from .calibration import METHODS
 from .check_data import cross_split_copies
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, target_label, to_yaml
 from .curves import TENSORBOARD_FOLDER, tensorboard_log, write_curves
-from .dataset import (
-    Augment,
-    ImageRegressionDataset,
-    SeededSampler,
-    close_loader,
-    make_loader,
-    resolve_num_workers,
-)
+from .data import Source, open_source
+from .data.dataset import Augment, SeededSampler, make_loader, resolve_num_workers
 from .distributed import Dist, init_distributed, shutdown, sync_batchnorm
 from .engine import (
     Fitter,
@@ -61,27 +55,21 @@ from .errors import ConfigError, DataError, TrainingError
 from .eta import RunEstimate, duration
 from .features import cached_features
 from .files import atomic_writer, write_text_atomic
-from .labels import Example, read_labels
+from .data.labels import Example
 from .model import MDNRegressor, ModelArgs
 from .run_folder import lock_run_dir, prepare_run_dir
 from .runtime import Runtime, select_runtime
-from .splits import (
+from .data.splits import (
     SPLITS_FILE,
     assign_splits,
     check_split_sizes,
     describe_changes,
-    read_splits,
     split_counts,
     write_splits,
 )
 from .targets import TargetScaler
 
 HISTORY_COLUMNS = ("epoch", "train_nll", "val_nll", "val_nll_calibrated", "val_mae", "lr", "images_per_s", "seconds")
-
-
-def labels_path(cfg: Config) -> Path:
-    labels = Path(cfg.data.labels)
-    return labels if labels.is_absolute() else Path(cfg.data.root) / labels
 
 
 def model_args(cfg: Config) -> ModelArgs:
@@ -106,6 +94,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, log: Ca
     cfg.data.root = str(Path(cfg.data.root).resolve())  # the checkpoint must find its data from anywhere
     args = model_args(cfg)  # every name in the config is checked before anything is written
     check_image_size(args.backbone, args.image_size)
+    phases.begin_run()
     runtime = select_runtime(cfg.run.device, cfg.train.precision)
     dist = init_distributed(runtime.device.type)
     if dist.enabled and runtime.device.type == "cuda":
@@ -140,16 +129,15 @@ class RunData:
         return [e for e, s in zip(self.examples, self.splits) if s == name]
 
 
-def prepare_data(cfg: Config, run_dir: Path, resume: bool, previous_sha256: str | None, log: Callable[[str], None]) -> RunData:
-    """The labels and their split: made from the labels file at the start, read back from the
-    run's splits.csv on --resume (so images never move between splits during a run)."""
-    where = labels_path(cfg)
-    root = Path(cfg.data.root)
+def prepare_data(cfg: Config, source: Source, run_dir: Path, resume: bool, previous_sha256: str | None,
+                 log: Callable[[str], None]) -> RunData:
+    """The labels and their split: made from the source at the start, read back from the run's
+    splits.csv on --resume (so images never move between splits during a run)."""
+    where = source.where
     if resume:
-        recorded = read_splits(run_dir / SPLITS_FILE, root, cfg.data.model_dump())
+        recorded = source.recorded(run_dir / SPLITS_FILE)
         try:
-            labels = read_labels(where, root, cfg.data.image_column, cfg.data.target_column, cfg.data.split_column,
-                                 cfg.data.target_transform, cfg.data.group_column)
+            labels = source.read()
             sha256 = labels.sha256
             changes = describe_changes(recorded, labels.examples) if sha256 != previous_sha256 else None
             if changes:
@@ -157,17 +145,16 @@ def prepare_data(cfg: Config, run_dir: Path, resume: bool, previous_sha256: str 
                     f"recorded in {run_dir / SPLITS_FILE}. Start a new run to use the new file")
         except DataError as e:
             sha256 = previous_sha256
-            log(f"note: the labels file cannot be read now ({str(e).splitlines()[0]}); resuming from {run_dir / SPLITS_FILE}")
+            log(f"note: the labels cannot be read now ({str(e).splitlines()[0]}); resuming from {run_dir / SPLITS_FILE}")
         return RunData(recorded, [e.split for e in recorded], sha256)  # type: ignore[misc]
-    labels = read_labels(where, root, cfg.data.image_column, cfg.data.target_column, cfg.data.split_column,
-                         cfg.data.target_transform, cfg.data.group_column)
+    labels = source.read()
     for note in labels.notes:
         log(f"note: {note}")
     d = cfg.data
-    plan = assign_splits(labels.examples, root, d.val_fraction, d.calibration_fraction, d.test_fraction, d.split_seed)
+    plan = assign_splits(labels.examples, Path(d.root), d.val_fraction, d.calibration_fraction, d.test_fraction, d.split_seed)
     if plan.note:
         log(f"note: {plan.note}")
-    leaks = cross_split_copies(labels.examples, plan.splits)
+    leaks = cross_split_copies(labels.examples, plan.splits)  # files only: a shard set's records are checked when written
     if leaks:
         shown = "; ".join(f"{a.image} ({sa}) = {b.image} ({sb})" for a, b, sa, sb in leaks[:3])
         log(f"warning: {len(leaks)} photos have an exact copy in another split ({shown}{'; ...' if len(leaks) > 3 else ''}): "
@@ -201,9 +188,11 @@ class Training:
         try:
             # Under torchrun, processes stop together: at training steps and epoch ends, which all reach.
             with interrupts.collective(self.dist.enabled):
-                self.setup()
+                with phases.timed("data and model set-up"):
+                    self.setup()
                 if self.epoch < self.cfg.train.epochs:
-                    self.estimate = self.probe()
+                    with phases.timed("timing probe (for the ETA)"):
+                        self.estimate = self.probe()
                 for epoch in range(self.epoch, self.cfg.train.epochs):
                     self.dist.check_stop()
                     if self.should_stop():
@@ -221,13 +210,14 @@ class Training:
             self.close()
         if self.dist.is_main:
             self.finish()
+            self.log(phases.breakdown("where this run's time went"))
         return self.run_dir
 
     def close(self) -> None:
         """Stop the image loaders' worker processes (they otherwise live as long as the loaders)."""
         for loader in (getattr(self, "train_loader", None), getattr(self, "val_loader", None)):
             if loader is not None:
-                close_loader(loader)
+                loader.close()
 
     # --- setup --------------------------------------------------------------------------------
 
@@ -237,10 +227,12 @@ class Training:
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the {dist.world_size} processes")
         self.batch_size = cfg.train.batch_size // dist.world_size  # per process; the global batch is train.batch_size
         previous = load_checkpoint(self.run_dir / "last.pt") if self.resume else None
-        self.data = prepare_data(cfg, self.run_dir, self.resume, (previous or {}).get("data", {}).get("labels_sha256"), self.log)
+        self.source = open_source(cfg.data.model_dump())
+        self.data = prepare_data(cfg, self.source, self.run_dir, self.resume, (previous or {}).get("data", {}).get("labels_sha256"),
+                                 self.log)
         interrupts.reached("labels-read")
         interrupts.check()
-        check_split_sizes(self.data.splits, cfg.train.batch_size, labels_path(cfg))
+        check_split_sizes(self.data.splits, cfg.train.batch_size, self.source.where)
         train_targets = torch.tensor([e.target for e in self.data.split("train")], dtype=torch.float64)
         self.targets = TargetScaler.fit(train_targets, cfg.data.target_transform)
         self.num_workers = resolve_num_workers(cfg.data.num_workers)
@@ -281,21 +273,16 @@ class Training:
     def make_image_loaders(self) -> None:
         cfg, dist = self.cfg, self.dist
 
-        def dataset(split: str, augment: Augment = Augment()) -> ImageRegressionDataset:
+        def loader(split: str, **train):
             rows = self.data.split(split)
             cache = None if cfg.data.cache == "none" else DecodedCache(
                 cfg.data.cache, len(rows), self.args.image_size, cache_directory(cfg.data.cache_dir), dist.machine_tensor, split
             )
-            return ImageRegressionDataset([e.path for e in rows], [e.target for e in rows], self.args.image_size, augment, cache)
+            return self.source.loader(rows, self.args.image_size, self.batch_size, self.num_workers, rank=dist.rank,
+                                      world_size=dist.world_size, cache=cache, pin_memory=self.runtime.pin_memory, name=split, **train)
 
-        n_train = len(self.data.split("train"))
-        self.sampler = SeededSampler(n_train, True, cfg.run.seed, dist.rank, dist.world_size)
-        augment = Augment(flip=cfg.data.flip, shift=cfg.data.shift)
-        pin = self.runtime.pin_memory
-        self.train_loader = make_loader(dataset("train", augment), self.batch_size, self.num_workers, self.sampler, drop_last=True, pin_memory=pin,
-                                        name="train")
-        val_share = list(range(dist.rank, len(self.data.split("val")), dist.world_size))
-        self.val_loader = make_loader(dataset("val"), self.batch_size, self.num_workers, val_share, pin_memory=pin, name="val")
+        self.train_loader = loader("train", train=True, seed=cfg.run.seed, augment=Augment(flip=cfg.data.flip, shift=cfg.data.shift))
+        self.val_loader = loader("val")
         self.steps_per_epoch = len(self.train_loader)
 
     def load_training_state(self, state: dict) -> None:
@@ -374,7 +361,7 @@ class Training:
             after_s=(min(counts["train"], 2048) + counts["val"] + counts["calibration"] + counts["test"]) * 1.5 * per_image + 5.0,
         )
         stopping = "; early stopping can end it sooner" if cfg.train.early_stopping_patience else ""
-        self.log(f"estimated time for the whole run: {duration(time.monotonic() - started_at + estimate.total())} "
+        self.log(f"estimated time for the whole run: {duration(phases.elapsed() + estimate.total())} "
                  f"({cfg.train.epochs - self.epoch} epochs of {self.steps_per_epoch} steps at {step_s:.2f} s a step, timed on this "
                  f"machine, then calibration and the test split{stopping})")
         return estimate
@@ -407,18 +394,18 @@ class Training:
             self._trainable = (name, wrapped)
         if frozen:
             if not self._feature_loaders:
-                self.make_feature_loaders()
+                with phases.timed("backbone features (frozen backbone)"):
+                    self.make_feature_loaders()
             self.feature_sampler.set_epoch(epoch)
             return self._trainable[1], self._feature_loaders["train"], self._feature_loaders["val"]
-        self.sampler.set_epoch(epoch)
+        self.train_loader.set_epoch(epoch)
         return self._trainable[1], self.train_loader, self.val_loader
 
     def make_feature_loaders(self) -> None:
         self.log("computing backbone features once (the backbone is frozen)")
         loaders = {}
         for split in ("train", "val"):
-            rows = self.data.split(split)
-            features = cached_features(self.model, [e.path for e in rows], [e.target for e in rows], self.runtime, self.dist,
+            features = cached_features(self.model, self.data.split(split), self.source, self.runtime, self.dist,
                                        self.batch_size, self.num_workers, self.on_skip, split)
             if split == "train":
                 self.feature_sampler = SeededSampler(len(features), True, self.cfg.run.seed, self.dist.rank, self.dist.world_size)
@@ -439,7 +426,8 @@ class Training:
             min_batch=2 if batchnorm_trains(self.model) else 1,
         )
         left = f" (run: ~{duration(self.estimate.remaining(epoch))} left)" if self.estimate is not None else ""
-        fit = fit_epoch(fitter, train_loader, self.on_skip, f"epoch {epoch + 1}/{self.cfg.train.epochs}{left}")
+        with phases.timed("train"):
+            fit = fit_epoch(fitter, train_loader, self.on_skip, f"epoch {epoch + 1}/{self.cfg.train.epochs}{left}")
         if fit.steps == 0:
             raise TrainingError(
                 f"epoch {epoch + 1} took no optimisation step: "
@@ -451,7 +439,8 @@ class Training:
     def validate(self, epoch: int):
         module = self.model.head if self.frozen(epoch) else self.model
         _, _, val_loader = self.trainable(epoch)
-        val = validate_epoch(module, val_loader, self.runtime, self.targets, self.dist, self.on_skip)
+        with phases.timed("validation"):
+            val = validate_epoch(module, val_loader, self.runtime, self.targets, self.dist, self.on_skip)
         if val.images == 0:
             raise DataError(
                 f"no val image could be read in epoch {epoch + 1}, so no epoch can be chosen; fix or replace the "
@@ -481,7 +470,8 @@ class Training:
         if improved:
             self.best_val = row[self.selection]
         if self.dist.is_main:
-            self.write_epoch(improved)
+            with phases.timed("checkpoints and curves"):
+                self.write_epoch(improved)
         if self.tensorboard is not None:
             self.tensorboard.log(row)
         self.log(
@@ -546,8 +536,9 @@ class Training:
         interrupts.reached("calibration")
         interrupts.check()
         splits = {name: self.data.split(name) for name in ("train", "val", "calibration")}
-        calibrate_checkpoint(best_path, self.cfg.train.calibration, splits, self.runtime, self.num_workers, self.log,
-                             on_skip=self.on_skip, ood_quantile=self.cfg.train.ood_quantile)
+        with phases.timed("calibration"):
+            calibrate_checkpoint(best_path, self.cfg.train.calibration, splits, self.source, self.runtime, self.num_workers, self.log,
+                                 on_skip=self.on_skip, ood_quantile=self.cfg.train.ood_quantile)
         if self.data.split("test"):
             interrupts.reached("evaluation")
             interrupts.check()
@@ -556,9 +547,10 @@ class Training:
                 format_metrics,
             )
 
-            evaluation, out, described = evaluate(
-                best_path, device=str(self.runtime.device), num_workers=self.num_workers, on_skip=self.on_skip, overwrite=True,
-            )
+            with phases.timed("test evaluation"):
+                evaluation, out, described = evaluate(
+                    best_path, runtime=self.runtime, num_workers=self.num_workers, on_skip=self.on_skip, overwrite=True,
+                )
             self.log(f"test metrics of the best checkpoint ({described}; written to {out}):\n{format_metrics(evaluation.metrics)}")
         if self.skipped:
             write_text_atomic(self.run_dir / "skipped.txt", "\n".join(sorted(self.skipped)) + "\n")

@@ -7,16 +7,20 @@ Builds a temporary folder of synthetic JPEG photos (320x240, smooth random conte
 so decoding costs what a real photo of that size costs) and, per setting (backbone, image size,
 batch size), measures:
 
-1. training: `mdn_cli.engine.fit_epoch` over mdn's own loader (ImageRegressionDataset with
-   a warm DecodedCache("memory"), SeededSampler, make_loader with `auto` workers, augmentation as
-   configured) against a bare loop (same MDNRegressor, same AdamW, same mixture NLL) over
-   pre-decoded uint8 tensors already on the device: images/s and the ratio mdn / bare;
+1. training: mdn's own epochs (`mdn_cli.train.Training`, set up as `mdn train` sets it up, with
+   a warm memory cache, `auto` workers and augmentation as configured; `Training.fit`) against a
+   bare loop (same MDNRegressor, same AdamW, same mixture NLL) over pre-decoded uint8 tensors
+   already on the device: images/s and the ratio mdn / bare;
 2. the loader alone (no model): images/s cold (decoding every JPEG), warm from the memory cache
    and warm from a disk cache, each as a multiple of the bare training step's consumption rate;
-3. prediction: `mdn_cli.predict.predict_images` on every image of the folder against bare batched
-   inference on pre-decoded tensors; and the wall time of `mdn predict one.jpg --checkpoint
-   ckpt.pt` against a minimal script that loads the same checkpoint and runs one forward pass;
-4. compute: FLOPs of one forward pass (FlopCounterMode; training ~ 3x forward) times the bare
+3. shards: training images/s from the same images written as shards (`mdn shard`), on local disk
+   and on a loopback S3 server (moto), against the folder;
+4. prediction: `mdn_cli.predict.predict_images` on every image of the folder (onnxruntime, and
+   `--backend torch`) against two bare loops: batched inference on pre-decoded tensors, and one
+   that decodes the same files with the same decoder before each batch; and the wall time of
+   `mdn predict one.jpg --checkpoint ckpt.pt` against a minimal script that loads the same
+   checkpoint and runs one forward pass;
+5. compute: FLOPs of one forward pass (FlopCounterMode; training ~ 3x forward) times the bare
    loop's rate, against a large matmul on the same device (the practical ceiling).
 
 Every rate is the median over timed windows taken after warm-up; mdn and bare windows alternate,
@@ -33,12 +37,14 @@ import json
 import math
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,34 +54,19 @@ import torchvision
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from mdn_cli.backbones import get_backbone
-from mdn_cli.cache import DecodedCache
 from mdn_cli.checkpoint import save_checkpoint
 from mdn_cli.config import Config, load_config
-from mdn_cli.dataset import (
-    Augment,
-    ImageRegressionDataset,
-    SeededSampler,
-    decode_square,
-    make_loader,
-    resolve_num_workers,
-)
+from mdn_cli.data.cache import DecodedCache
+from mdn_cli.data.dataset import Augment, resolve_num_workers
+from mdn_cli.data.folder import unlabelled
 from mdn_cli.distributed import Dist
-from mdn_cli.engine import (
-    Fitter,
-    Segment,
-    compile_module,
-    fit_epoch,
-    make_optimizer,
-    make_scheduler,
-    set_train_mode,
-)
+from mdn_cli.engine import compile_module, make_optimizer, set_train_mode
+from mdn_cli.images import decode_square
 from mdn_cli.mixture import mixture_nll
-from mdn_cli.model import MDNRegressor, ModelArgs
+from mdn_cli.model import MDNRegressor
 from mdn_cli.predict import predict_images
 from mdn_cli.runtime import Runtime, select_runtime
-from mdn_cli.targets import TargetScaler
-from mdn_cli.train import model_args
+from mdn_cli.train import Training, model_args
 
 
 def optimizer_for(model: MDNRegressor, cfg: Config) -> torch.optim.Optimizer:
@@ -91,7 +82,13 @@ TARGETS = {
     "train_ratio": (">=", 0.90, "training mdn / bare (warm memory cache)"),
     "loader_memory_x_bare": (">=", 2.0, "loader warm (memory) / bare step consumption"),
     "loader_disk_x_bare": (">=", 2.0, "loader warm (disk) / bare step consumption"),
-    "predict_batch_ratio": (">=", 0.90, "batch prediction mdn / bare"),
+    "shards_local_ratio": (">=", 0.95, "training from local shards / from the same images as a folder"),
+    "shards_s3_ratio": (">=", 0.90, "training from shards on a loopback S3 server / from a folder"),
+    "predict_decoding_ratio": (">=", 0.95, "batch prediction / bare loop decoding the same files"),
+    "predict_decoding_ratio_torch": (">=", 0.95, "batch prediction `--backend torch` / bare loop decoding the same files"),
+    "predict_batch_ratio": (">=", 0.90, "batch prediction / bare inference on pre-decoded tensors (headline setting)"),
+    "predict_batch_ratio_torch": (">=", 0.90, "`--backend torch` / bare inference on pre-decoded tensors (headline setting)"),
+    "predict_torch_ratio_small": (">=", 0.85, "`--backend torch` / bare inference on pre-decoded tensors (small setting)"),
     "predict_single_ratio": ("<=", 1.30, "`mdn predict one.jpg` wall time / minimal script"),
 }
 
@@ -283,46 +280,34 @@ def count_forward_flops(model: MDNRegressor, images: torch.Tensor) -> float:
     return counter.get_total_flops() / images.shape[0]
 
 
-@dataclass
-class TrainingSetup:
-    """What `mdn_cli.train._train` builds, for one setting."""
-
-    cfg: Config
-    runtime: Runtime
-    dist: Dist
-    args: ModelArgs
-    model: MDNRegressor
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    grad_scaler: torch.amp.GradScaler
-    scaler: TargetScaler
-    sampler: SeededSampler
-    loader: torch.utils.data.DataLoader
-    workers: int
+VAL_IMAGES = 8  # photos beyond the plan's, as the val split `Training` requires (never timed)
 
 
-def build_training(setting: Setting, device: str, paths: list[Path], targets: list[float], epochs: int) -> TrainingSetup:
-    """Model, optimiser, scheduler, grad scaler, target scaler and loader, as `_train` sets them up."""
+def write_labels(setting: Setting, photos: Path, paths: list[Path], targets: list[float], n_train: int, val: list[Path]) -> str:
+    """A labels file of the first `n_train` photos (train) and `val`; returns its name."""
+    labels = photos / f"labels-{setting.name}.csv"
+    rows = [f"{p.name},{t!r},train" for p, t in zip(paths[:n_train], targets[:n_train])]
+    rows += [f"{p.name},{targets[0]!r},val" for p in val]
+    labels.write_text("image,target,split\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    return labels.name
+
+
+def build_training(setting: Setting, device: str, photos: Path, labels: str, epochs: int, tmp: Path, name: str = "folder",
+                   **data) -> Training:
+    """The run `mdn train` would set up (mdn_cli.train.Training: labels, split, target scaling,
+    loaders with a memory cache, model, optimiser, schedule) for the labels file `labels` in
+    `photos`; `data`: other data settings (shards)."""
     cfg = bench_config(setting, device, epochs)
+    cfg.data.root, cfg.data.labels, cfg.data.split_column = str(photos), labels, "split"
+    for key, value in data.items():
+        setattr(cfg.data, key, value)
+    cfg.run.out_dir, cfg.run.name = str(tmp / "runs"), f"{setting.name}-{name}"
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    run_dir.mkdir(parents=True)
     runtime = select_runtime(cfg.run.device, cfg.train.precision)
-    dist = Dist()
-    torch.manual_seed(cfg.run.seed)
-    train_targets = torch.tensor(targets, dtype=torch.float64)
-    scaler = TargetScaler.fit(train_targets, cfg.data.target_transform)
-    spec = get_backbone(cfg.model.backbone)
-    size = cfg.data.image_size or spec.image_size
-    workers = resolve_num_workers(cfg.data.num_workers)
-    cache = DecodedCache(cfg.data.cache, len(paths), size)
-    dataset = ImageRegressionDataset(paths, targets, size, Augment(cfg.data.flip, cfg.data.shift), cache)
-    sampler = SeededSampler(len(paths), True, cfg.run.seed, dist.rank, dist.world_size)
-    loader = make_loader(dataset, cfg.train.batch_size, workers, sampler, drop_last=True, pin_memory=runtime.pin_memory)
-    model = MDNRegressor(model_args(cfg), pretrained=cfg.model.pretrained)
-    model.head.init_spread(scaler.encode(train_targets))
-    runtime.prepare(model)  # device and memory layout
-    optimizer = optimizer_for(model, cfg)
-    scheduler = make_scheduler(optimizer, [Segment(0, cfg.train.epochs, cfg.train.warmup_epochs)], len(loader))
-    grad_scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.needs_grad_scaler)
-    return TrainingSetup(cfg, runtime, dist, model.args, model, optimizer, scheduler, grad_scaler, scaler, sampler, loader, workers)
+    training = Training(cfg, model_args(cfg), run_dir, runtime, Dist(), False, log)
+    training.setup()
+    return training
 
 
 def make_bare_step(model: MDNRegressor, cfg: Config, runtime: Runtime, images: torch.Tensor, y: torch.Tensor,
@@ -351,22 +336,18 @@ def make_bare_step(model: MDNRegressor, cfg: Config, runtime: Runtime, images: t
     return run
 
 
-def measure_training(setup: TrainingSetup, bare_images: torch.Tensor, windows: int) -> dict:
-    """mdn's `fit_epoch` (whole calls) against the bare loop, windows alternating."""
-    s, device = setup, setup.runtime.device
-    bare_model = copy.deepcopy(s.model)  # same weights, its own optimiser
-    y = s.scaler.encode(torch.tensor(s.loader.dataset.targets, dtype=torch.float64)).float().to(device)
-    def compiled(module):
-        return compile_module(module, log) if s.cfg.train.compile else module
-
-    bare = make_bare_step(bare_model, s.cfg, s.runtime, bare_images, y, s.cfg.train.batch_size, compiled(bare_model))
-    fitter = Fitter(compiled(s.model), s.optimizer, s.scheduler, s.grad_scaler, s.scaler, s.runtime, s.dist,
-                    dropout=s.args.dropout, feature_dim=s.model.feature_dim, grad_clip=s.cfg.train.grad_clip, min_batch=2)
+def measure_training(training: Training, bare_images: torch.Tensor, windows: int) -> dict:
+    """mdn's own epochs (`Training.fit`: the loader, augmentation, the Fitter's step) against the
+    bare loop, windows alternating."""
+    t, device = training, training.runtime.device
+    cfg = t.cfg
+    bare_model = copy.deepcopy(t.model)  # same weights, its own optimiser
+    y = t.targets.encode(torch.tensor([e.target for e in t.data.split("train")], dtype=torch.float64)).float().to(device)
+    forward = compile_module(bare_model, log) if cfg.train.compile else bare_model
+    bare = make_bare_step(bare_model, cfg, t.runtime, bare_images, y, cfg.train.batch_size, forward)
 
     def mdn_epoch(epoch: int) -> int:
-        s.sampler.set_epoch(epoch)
-        set_train_mode(s.model, False, s.cfg.train.batch_size)
-        return fit_epoch(fitter, s.loader, on_skip, f"epoch {epoch}").images
+        return t.fit(epoch).images
 
     warm_s, _ = timed(lambda: mdn_epoch(0), device)  # starts the workers and fills the memory cache
     bare(1)
@@ -378,86 +359,79 @@ def measure_training(setup: TrainingSetup, bare_images: torch.Tensor, windows: i
         log(f"  train window {w + 1}/{windows}: mdn {mdn.windows[-1]:.1f} img/s, bare {ref.windows[-1]:.1f} img/s")
     del bare_model, bare
     return {
-        "train_images": len(s.loader.dataset),
-        "steps_per_window": len(s.loader),
-        "augment": {"flip": s.cfg.data.flip, "shift": s.cfg.data.shift},
-        "workers": s.workers,
-        "precision": "fp32" if s.runtime.amp_dtype is None else str(s.runtime.amp_dtype).removeprefix("torch."),
-        "cold_first_epoch_images_per_s": len(s.loader) * s.cfg.train.batch_size / warm_s,
+        "train_images": len(t.data.split("train")),
+        "steps_per_window": t.steps_per_epoch,
+        "augment": {"flip": cfg.data.flip, "shift": cfg.data.shift},
+        "workers": t.num_workers,
+        "precision": "fp32" if t.runtime.amp_dtype is None else str(t.runtime.amp_dtype).removeprefix("torch."),
+        "cold_first_epoch_images_per_s": t.steps_per_epoch * cfg.train.batch_size / warm_s,
         "mdn": mdn.to_json(),
         "bare": ref.to_json(),
         "ratio": mdn.value / ref.value,
     }
 
 
-def loader_rate(loader, windows: int, sampler: SeededSampler) -> Rate:
+def loader_rate(loader, windows: int) -> Rate:
     """Images/s of full passes over `loader` with nothing consuming them; one warm-up pass."""
 
     def one_pass() -> int:
         return sum(batch.images.shape[0] for batch in loader)
 
-    sampler.set_epoch(0)
+    loader.set_epoch(0)
     one_pass()
     rate = Rate()
     for w in range(windows):
-        sampler.set_epoch(w + 1)
+        loader.set_epoch(w + 1)
         start = time.perf_counter()
         n = one_pass()
         rate.add(time.perf_counter() - start, n)
     return rate
 
 
-def measure_loader(setting: Setting, cfg: Config, runtime: Runtime, paths: list[Path], targets: list[float],
-                   bare_rate: float, windows: int, tmp: Path) -> dict:
-    """mdn's loader alone over the whole folder (training settings: sampler, augmentation, batch
-    size, auto workers): cold, warm memory cache, warm disk cache."""
+def measure_loader(setting: Setting, cfg: Config, runtime: Runtime, paths: list[Path], bare_rate: float, windows: int,
+                   tmp: Path) -> dict:
+    """mdn's loader alone over the whole folder (training settings: seeded shuffle, augmentation,
+    batch size, auto workers): cold, warm memory cache, warm disk cache."""
     size, workers = setting.image_size, resolve_num_workers(cfg.data.num_workers)
     caches = {
         "cold": None,
         "memory": DecodedCache("memory", len(paths), size),
         "disk": DecodedCache("disk", len(paths), size, tmp / f"disk-cache-{setting.name}"),
     }
+    source, examples = unlabelled(paths)
     out = {"images": len(paths), "workers": workers}
     for name, cache in caches.items():
-        dataset = ImageRegressionDataset(paths, targets, size, Augment(cfg.data.flip, cfg.data.shift), cache)
-        sampler = SeededSampler(len(paths), True, cfg.run.seed)
-        loader = make_loader(dataset, setting.batch_size, workers, sampler, drop_last=True, pin_memory=runtime.pin_memory)
-        rate = loader_rate(loader, windows, sampler)
+        loader = source.loader(examples, size, setting.batch_size, workers, train=True, seed=cfg.run.seed,
+                               augment=Augment(cfg.data.flip, cfg.data.shift), cache=cache, pin_memory=runtime.pin_memory)
+        rate = loader_rate(loader, windows)
         out[name] = {**rate.to_json(), "x_bare_step": rate.value / bare_rate}
         log(f"  loader {name}: {rate.value:.0f} img/s = {rate.value / bare_rate:.1f}x the bare step")
-        del loader
+        loader.close()
         gc.collect()
     return out
 
 
-def write_bench_checkpoint(setup: TrainingSetup, path: Path) -> None:
-    """A checkpoint `Predictor.from_checkpoint` (and so `mdn predict`) accepts, from the bench model."""
-    save_checkpoint(
-        {
-            "config": setup.cfg.model_dump(mode="json"),
-            "model_args": setup.args.to_dict(),
-            "target_scaler": setup.scaler.state_dict(),
-            "calibration": {"sigma_scale": 1.0},
-            "model": {k: v.detach().cpu() for k, v in setup.model.state_dict().items()},
-            "epoch": 1,
-        },
-        path,
-    )
+def write_bench_checkpoint(training: Training, path: Path) -> None:
+    """The checkpoint training writes (best.pt, not calibrated), from the bench model."""
+    save_checkpoint(training.model_state(), path)
 
 
-def measure_batch_prediction(setup: TrainingSetup, checkpoint: Path, paths: list[Path], bare_images: torch.Tensor,
+def measure_batch_prediction(training: Training, checkpoint: Path, paths: list[Path], bare_images: torch.Tensor,
                              plan: Plan) -> dict:
     """`predict_images` on the whole folder (load checkpoint, decode through the loader, forward,
-    exact mixture summaries) against bare batched inference on pre-decoded tensors."""
-    runtime, bs = setup.runtime, setup.cfg.train.batch_size
+    the unfamiliar-image statistics, exact mixture summaries), with each backend, against two bare
+    loops: batched inference on pre-decoded tensors (the strict reference: no decoding at all),
+    and one that decodes the same files with the same decoder (images.decode_square) batch by
+    batch in this process, then runs the network (the fair one: what any program must do)."""
+    runtime, bs, size = training.runtime, training.cfg.train.batch_size, training.args.image_size
     device_setting = str(runtime.device)
 
     def run(backend: str) -> int:
-        predictions, _ = predict_images(paths, checkpoint, device=device_setting, batch_size=bs, on_skip=on_skip, progress=False,
+        predictions, _ = predict_images(*unlabelled(paths), checkpoint, device=device_setting, batch_size=bs, on_skip=on_skip, progress=False,
                                         backend=backend, log=log)
         return len(predictions)
 
-    model = setup.model.eval()
+    model = copy.deepcopy(training.model).eval()
     n_batches = min(plan.bare_predict_batches, bare_images.shape[0] // bs)
 
     @torch.inference_mode()
@@ -467,20 +441,30 @@ def measure_batch_prediction(setup: TrainingSetup, checkpoint: Path, paths: list
                 model(bare_images[i * bs : (i + 1) * bs])
         return n_batches * bs
 
+    @torch.inference_mode()
+    def bare_decoding() -> int:
+        for i in range(n_batches):
+            images = runtime.images(torch.stack([decode_square(p, size) for p in paths[i * bs : (i + 1) * bs]]))
+            with runtime.autocast():
+                model(images)
+        return n_batches * bs
+
     for backend in ("auto", "torch"):  # warm-up; `auto` exports the checkpoint for onnxruntime here, once
-        predict_images(paths[:bs], checkpoint, device=device_setting, batch_size=bs, on_skip=on_skip, progress=False,
+        predict_images(*unlabelled(paths[:bs]), checkpoint, device=device_setting, batch_size=bs, on_skip=on_skip, progress=False,
                        backend=backend, log=log)
     bare()
-    mdn_rate, torch_rate, ref = Rate(), Rate(), Rate()
+    rates = {name: Rate() for name in ("mdn", "mdn_torch", "bare", "bare_decoding")}
     for w in range(plan.predict_windows):
-        ref.add(*timed(bare, runtime.device))
-        mdn_rate.add(*timed(lambda: run("auto"), runtime.device))
-        torch_rate.add(*timed(lambda: run("torch"), runtime.device))
-        log(f"  predict window {w + 1}/{plan.predict_windows}: mdn {mdn_rate.windows[-1]:.1f} img/s "
-            f"(--backend torch {torch_rate.windows[-1]:.1f}), bare {ref.windows[-1]:.1f} img/s")
-    model.train()
-    return {"images": len(paths), "mdn": mdn_rate.to_json(), "mdn_torch": torch_rate.to_json(), "bare": ref.to_json(),
-            "ratio": mdn_rate.value / ref.value, "ratio_torch": torch_rate.value / ref.value}
+        rates["bare"].add(*timed(bare, runtime.device))
+        rates["bare_decoding"].add(*timed(bare_decoding, runtime.device))
+        rates["mdn"].add(*timed(lambda: run("auto"), runtime.device))
+        rates["mdn_torch"].add(*timed(lambda: run("torch"), runtime.device))
+        log(f"  predict window {w + 1}/{plan.predict_windows}: " + ", ".join(f"{k} {r.windows[-1]:.1f}" for k, r in rates.items())
+            + " img/s")
+    value = {k: r.value for k, r in rates.items()}
+    return {"images": len(paths), **{k: r.to_json() for k, r in rates.items()},
+            "ratio": value["mdn"] / value["bare"], "ratio_torch": value["mdn_torch"] / value["bare"],
+            "ratio_decoding": value["mdn"] / value["bare_decoding"], "ratio_torch_decoding": value["mdn_torch"] / value["bare_decoding"]}
 
 
 MINIMAL_PREDICT = textwrap.dedent(
@@ -566,31 +550,85 @@ def compute_utilisation(forward_flops: float, train: dict, matmul: dict) -> dict
     }
 
 
-def run_setting(setting: Setting, plan: Plan, device: str, paths: list[Path], targets: list[float], matmul: dict,
-                tmp: Path) -> dict:
+@contextmanager
+def loopback_s3():
+    """A loopback S3 server (moto's server mode), reached through the standard AWS variables."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    saved = dict(os.environ)
+    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_DEFAULT_REGION": "us-east-1"})
+    try:
+        boto3.client("s3").create_bucket(Bucket="mdn-bench")
+        yield "s3://mdn-bench"
+    finally:
+        server.stop()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def measure_shards(setting: Setting, device: str, photos: Path, labels: str, n_train: int, windows: int, tmp: Path) -> dict:
+    """Training img/s (`Training.fit`, the same config, a warm memory cache each) from the same
+    images as a folder, as local shards, and as shards on a loopback S3 server (streamed through
+    the shard cache); windows alternating, after one warm-up epoch each."""
+    from mdn_cli.data.folder import FolderSource
+    from mdn_cli.data.shards import write_shards
+
+    epochs = windows + 1
+    runs = {"folder": build_training(setting, device, photos, labels, epochs, tmp, "shards-folder")}
+    data = runs["folder"].cfg.data.model_dump()
+    per_shard = max(1, math.ceil(n_train / 4))  # 4 train shards: 2 per loader worker
+    with loopback_s3() as bucket:
+        for name, where in (("local", str(tmp / f"shards-{setting.name}")), ("s3", f"{bucket}/{setting.name}")):
+            write_shards(FolderSource(data, photos), data, where, per_shard, log=lambda m: None)
+            runs[name] = build_training(setting, device, photos, labels, epochs, tmp, f"shards-{name}", shards=where,
+                                        shard_cache_dir=str(tmp / f"shard-cache-{setting.name}"))
+        rates = {name: Rate() for name in runs}
+        for name, t in runs.items():
+            t.fit(0)  # workers started, caches filled (the S3 shards downloaded into the shard cache)
+        for w in range(windows):
+            for name, t in runs.items():
+                rates[name].add(*timed(lambda t=t: t.fit(w + 1).images, t.runtime.device))
+            log(f"  shards window {w + 1}/{windows}: " + ", ".join(f"{k} {r.windows[-1]:.1f}" for k, r in rates.items()) + " img/s")
+        for t in runs.values():
+            t.close()
+    folder = rates["folder"].value
+    return {**{k: r.to_json() for k, r in rates.items()}, "images": n_train, "images_per_shard": per_shard,
+            "ratio_local": rates["local"].value / folder, "ratio_s3": rates["s3"].value / folder}
+
+
+def run_setting(setting: Setting, plan: Plan, device: str, photos: Path, paths: list[Path], targets: list[float], val: list[Path],
+                matmul: dict, tmp: Path) -> dict:
     log(f"setting {setting.name}: {setting.backbone} at {setting.image_size}px, batch {setting.batch_size}")
     probe = select_runtime(device)
     n_train = len(paths)
     if probe.device.type == "cpu" and plan.cpu_train_batches:
         n_train = min(n_train, plan.cpu_train_batches * setting.batch_size)
-    setup = build_training(setting, device, paths[:n_train], targets[:n_train], epochs=plan.train_windows + 1)
-    bare_images = predecode(paths[:n_train], setting.image_size, setup.runtime)
-    result: dict = {**asdict(setting), "device": str(setup.runtime.device)}
+    labels = write_labels(setting, photos, paths, targets, n_train, val)
+    training = build_training(setting, device, photos, labels, plan.train_windows + 1, tmp)
+    bare_images = predecode(paths[:n_train], setting.image_size, training.runtime)
+    result: dict = {**asdict(setting), "device": str(training.runtime.device)}
 
-    result["train"] = train = measure_training(setup, bare_images, plan.train_windows)
-    flops = count_forward_flops(setup.model, bare_images[: setting.batch_size])
+    result["train"] = train = measure_training(training, bare_images, plan.train_windows)
+    flops = count_forward_flops(training.model, bare_images[: setting.batch_size])
     result["compute"] = compute_utilisation(flops, train, matmul)
-    del setup.loader  # stops its persistent workers before the next measurements
-    gc.collect()
+    training.close()  # stops its workers before the next measurements
 
-    result["loader"] = measure_loader(setting, setup.cfg, setup.runtime, paths, targets, train["bare"]["images_per_s"],
+    result["loader"] = measure_loader(setting, training.cfg, training.runtime, paths, train["bare"]["images_per_s"],
                                       plan.loader_windows, tmp)
+    result["shards"] = measure_shards(setting, device, photos, labels, n_train, plan.train_windows, tmp)
 
     checkpoint = tmp / f"ckpt-{setting.name}.pt"
-    write_bench_checkpoint(setup, checkpoint)
-    all_images = bare_images if n_train == len(paths) else predecode(paths, setting.image_size, setup.runtime)
-    result["predict_batch"] = measure_batch_prediction(setup, checkpoint, paths, all_images, plan)
-    result["predict_single"] = measure_single_prediction(checkpoint, paths[0], setup.runtime.device, plan, tmp)
+    write_bench_checkpoint(training, checkpoint)
+    all_images = bare_images if n_train == len(paths) else predecode(paths, setting.image_size, training.runtime)
+    result["predict_batch"] = measure_batch_prediction(training, checkpoint, paths, all_images, plan)
+    result["predict_single"] = measure_single_prediction(checkpoint, paths[0], training.runtime.device, plan, tmp)
     return result
 
 
@@ -599,13 +637,21 @@ def run_setting(setting: Setting, plan: Plan, device: str, paths: list[Path], ta
 
 
 def target_checks(result: dict) -> dict[str, float]:
-    return {
+    pb = result["predict_batch"]
+    checks = {
         "train_ratio": result["train"]["ratio"],
         "loader_memory_x_bare": result["loader"]["memory"]["x_bare_step"],
         "loader_disk_x_bare": result["loader"]["disk"]["x_bare_step"],
-        "predict_batch_ratio": result["predict_batch"]["ratio"],
-        "predict_single_ratio": result["predict_single"]["ratio"],
+        "shards_local_ratio": result["shards"]["ratio_local"],
+        "shards_s3_ratio": result["shards"]["ratio_s3"],
+        "predict_decoding_ratio": pb["ratio_decoding"],
+        "predict_decoding_ratio_torch": pb["ratio_torch_decoding"],
     }
+    if result["name"] == "headline":
+        checks |= {"predict_batch_ratio": pb["ratio"], "predict_batch_ratio_torch": pb["ratio_torch"]}
+    else:
+        checks["predict_torch_ratio_small"] = pb["ratio_torch"]
+    return checks | {"predict_single_ratio": result["predict_single"]["ratio"]}
 
 
 def is_met(key: str, value: float) -> bool:
@@ -633,10 +679,20 @@ def markdown_table(results: list[dict], plan: Plan) -> str:
         row(r, "loader img/s, cold (decode every JPEG)", f"{ld['cold']['images_per_s']:.0f}", bare, ld["cold"]["x_bare_step"])
         row(r, "loader img/s, warm memory cache", f"{ld['memory']['images_per_s']:.0f}", bare, ld["memory"]["x_bare_step"], "loader_memory_x_bare")
         row(r, "loader img/s, warm disk cache", f"{ld['disk']['images_per_s']:.0f}", bare, ld["disk"]["x_bare_step"], "loader_disk_x_bare")
-        row(r, f"batch prediction img/s ({pb['images']} images)", spread(pb["mdn"]),
-            f"bare inference {spread(pb['bare'])}", pb["ratio"], "predict_batch_ratio")
-        row(r, "batch prediction img/s, `--backend torch`", spread(pb["mdn_torch"]),
-            f"bare inference {spread(pb['bare'])}", pb["ratio_torch"])
+        sh = r["shards"]
+        row(r, f"training img/s from local shards ({sh['images']} images, {sh['images_per_shard']} a shard)", spread(sh["local"]),
+            f"folder {spread(sh['folder'])}", sh["ratio_local"], "shards_local_ratio")
+        row(r, "training img/s from shards on loopback S3", spread(sh["s3"]), f"folder {spread(sh['folder'])}", sh["ratio_s3"],
+            "shards_s3_ratio")
+        headline = r["name"] == "headline"
+        for backend, key in (("auto", "mdn"), ("`--backend torch`", "mdn_torch")):
+            suffix = "" if key == "mdn" else "_torch"
+            row(r, f"batch prediction img/s, {backend} ({pb['images']} images)", spread(pb[key]),
+                f"bare loop decoding the files {spread(pb['bare_decoding'])}", pb[f"ratio{suffix}_decoding"],
+                f"predict_decoding_ratio{suffix}")
+            strict = f"predict_batch_ratio{suffix}" if headline else ("predict_torch_ratio_small" if key == "mdn_torch" else None)
+            row(r, f"batch prediction img/s, {backend}", spread(pb[key]), f"bare inference, pre-decoded {spread(pb['bare'])}",
+                pb[f"ratio{suffix}"], strict)
         row(r, "single-image predict wall s (median)", f"{ps['mdn_s']:.2f}", f"minimal script {ps['minimal_s']:.2f}",
             ps["ratio"], "predict_single_ratio")
         row(r, f"compute GFLOP/s (train {c['train_gflop_per_image']:.2f} GFLOP/img)", f"mdn {c['mdn_gflops']:.1f}, bare {c['bare_gflops']:.1f}",
@@ -705,11 +761,12 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="mdn-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        paths, targets = make_photos(tmp / "photos", plan.n_images)
+        paths, targets = make_photos(tmp / "photos", plan.n_images + VAL_IMAGES)
+        val, paths, targets = paths[plan.n_images :], paths[: plan.n_images], targets[: plan.n_images]
         mean_kb = sum(p.stat().st_size for p in paths) / len(paths) / 1024
         log(f"{len(paths)} JPEG photos {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]}, {mean_kb:.0f} KB each on average")
         for setting in plan.settings:
-            results.append(run_setting(setting, plan, args.device, paths, targets, matmul, tmp))
+            results.append(run_setting(setting, plan, args.device, tmp / "photos", paths, targets, val, matmul, tmp))
 
     if hasattr(os, "getloadavg"):
         machine["load_average_1m_at_end"] = os.getloadavg()[0]

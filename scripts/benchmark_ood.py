@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mdn_cli.data.folder import unlabelled
 from mdn_cli.images import is_image_file
 from mdn_cli.predict import predict_images
 
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         sets = hostile_sets(Path(tmp), args.n)
         sets.update({str(source): images_of(source, args.limit) for source in args.other})
         for name, paths in sets.items():
-            predictions, _ = predict_images(paths, args.checkpoint, on_skip=lambda m: None, progress=False)
+            predictions, _ = predict_images(*unlabelled(paths), args.checkpoint, on_skip=lambda m: None, progress=False)
             if not predictions or "ood_score" not in predictions[0].summary:
                 print(f"error: {args.checkpoint} has no unfamiliar-image warning", file=sys.stderr)
                 return 2

@@ -49,16 +49,17 @@ def load_inputs(checkpoint: Path) -> dict:
         return torch.load(cache, weights_only=False)
     from mdn_cli.inference import Predictor
     from mdn_cli.runtime import Runtime
-    from mdn_cli.splits import SPLITS_FILE, read_splits
+    from mdn_cli.data import open_source
+    from mdn_cli.data.splits import SPLITS_FILE
 
     runtime = Runtime(torch.device("cpu"), None)
     predictor, ckpt = Predictor.from_checkpoint(checkpoint, runtime)
-    d = ckpt["config"]["data"]
-    examples = read_splits(checkpoint.parent / SPLITS_FILE, Path(d["root"]), d)
+    source = open_source(ckpt["config"]["data"])
+    examples = source.recorded(checkpoint.parent / SPLITS_FILE)
     out = {"transform": predictor.transform}
     for split in ("val", "calibration", "test"):
         rows = [e for e in examples if e.split == split]
-        p = predictor.run([e.path for e in rows], runtime, [e.target for e in rows], progress=True)
+        p = predictor.run(predictor.loader(source, rows), runtime, progress=True)
         m = predictor.mixture(p, calibrated=False)
         kept = [rows[i] for i in p.indices.tolist()]
         out[split] = {"weights": m.weights, "means": m.means, "stds": m.stds, "y": p.targets,

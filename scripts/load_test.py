@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.requests, args.concurrency = 8, 4
 
+    from mdn_cli.data.folder import unlabelled
     from mdn_cli.predict import collect_images, predict_images
 
     paths, problems = collect_images([args.images])
@@ -164,10 +165,10 @@ def main(argv: list[str] | None = None) -> None:
     print(line + f"; {passes} forward passes, {batched / max(passes, 1):.1f} images per pass")
 
     quiet = dict(device=args.device, batch_size=args.max_batch, on_skip=lambda message: None, progress=False, log=lambda message: None)
-    predict_images(sent[:1], args.checkpoint, **quiet)  # --backend auto's one-time ONNX export (on CPUs), not timed
+    predict_images(*unlabelled(sent[:1]), args.checkpoint, **quiet)  # --backend auto's one-time ONNX export (on CPUs), not timed
     for backend in ("auto", "torch"):
         start = time.perf_counter()
-        predictions, _ = predict_images(sent, args.checkpoint, backend=backend, **quiet)
+        predictions, _ = predict_images(*unlabelled(sent), args.checkpoint, backend=backend, **quiet)
         seconds = time.perf_counter() - start
         print(f"mdn predict --backend {backend} (predict_images, the same {len(sent)} images, checkpoint load included): "
               f"{seconds:.2f} s, {len(predictions) / seconds:.1f} images/s")

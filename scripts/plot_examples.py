@@ -23,7 +23,7 @@ from mdn_cli import mixture as mx
 from mdn_cli.calibration import DEFAULT_LEVELS, Calibration, level_key
 from mdn_cli.calibration.scale import StdScale
 from mdn_cli.evaluate import Evaluation
-from mdn_cli.labels import Example
+from mdn_cli.data.labels import Example
 from mdn_cli.predict import summarize
 
 LABEL = "weight (lb)"

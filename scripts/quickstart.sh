@@ -8,6 +8,7 @@ echo "mdn quickstart: about 5 minutes on 2 CPU cores (most of it training the to
 source "$(dirname "${BASH_SOURCE[0]}")/setup_venv.sh"
 export PATH="$PWD/.venv/bin:$PATH"
 "$PY" scripts/make_toy_data.py --out data/toy --n 2000 --seed 0
+mdn check-data data/toy/labels.csv --output runs/check-toy || [ $? -eq 1 ]  # 1: something found (listed above); 2: unreadable data
 mdn train configs/toy.yaml --overwrite "$@"
 # --- the README's "Use" commands ---
 mdn predict data/toy/images/00000.png data/toy/images/00001.png --plot runs/toy/plots

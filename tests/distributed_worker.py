@@ -1,6 +1,7 @@
 """Run under torchrun by test_distributed.py: one copy per machine of the decoded-image cache and of
 the frozen-backbone features. Prints one JSON line per process."""
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -8,8 +9,9 @@ from pathlib import Path
 import torch
 
 from mdn_cli import features
-from mdn_cli.cache import DecodedCache
-from mdn_cli.dataset import decode_square
+from mdn_cli.data.cache import DecodedCache
+from mdn_cli.data.folder import unlabelled
+from mdn_cli.data.dataset import decode_square
 from mdn_cli.distributed import init_distributed, shutdown
 from mdn_cli.model import MDNRegressor, ModelArgs
 from mdn_cli.runtime import Runtime
@@ -37,8 +39,10 @@ def counting(self, x):
 features.BackboneFeatures.forward = counting
 torch.manual_seed(0)
 model = MDNRegressor(ModelArgs("resnet18", 2, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))).eval()
-table = features.cached_features(model, images, [float(i) for i in range(len(images))], Runtime(torch.device("cpu"), None), d,
-                                 batch_size=4, num_workers=0, on_skip=print, name="test")
+source, examples = unlabelled(images)
+examples = [dataclasses.replace(e, target=float(i)) for i, e in enumerate(examples)]
+table = features.cached_features(model, examples, source, Runtime(torch.device("cpu"), None), d, batch_size=4, num_workers=0,
+                                 on_skip=print, name="test")
 with torch.no_grad():
     expected = model.features(torch.stack([decode_square(p, 16) for p in images]))
 print(json.dumps({

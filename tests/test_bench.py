@@ -28,6 +28,14 @@ MEASUREMENTS = (
     "predict_batch.ratio",
     "predict_batch.mdn_torch.images_per_s",
     "predict_batch.ratio_torch",
+    "predict_batch.bare_decoding.images_per_s",
+    "predict_batch.ratio_decoding",
+    "predict_batch.ratio_torch_decoding",
+    "shards.folder.images_per_s",
+    "shards.local.images_per_s",
+    "shards.s3.images_per_s",
+    "shards.ratio_local",
+    "shards.ratio_s3",
     "predict_single.mdn_s",
     "predict_single.minimal_s",
     "predict_single.ratio",
@@ -74,7 +82,7 @@ def test_bench_quick_reports_every_measurement(tmp_path):
             values = dig(setting, path)
             assert values and all(positive(v) for v in values), f"{setting['name']}: {path} = {values!r}"
         assert len(setting["train"]["mdn"]["windows"]) == report["plan"]["train_windows"]
-    assert len(report["targets"]) == 5 * len(report["settings"])
+    assert len(report["targets"]) == 10 * len(report["settings"])  # --quick: the headline setting's ten
     for check in report["targets"]:
         assert positive(check["value"]) and isinstance(check["met"], bool)
 
@@ -82,5 +90,6 @@ def test_bench_quick_reports_every_measurement(tmp_path):
     assert "| setting | measurement | mdn | reference | ratio | target | met |" in table
     for setting in report["settings"]:
         rows = [line for line in table.splitlines() if line.startswith(f"| {setting['name']} ")]
-        assert len(rows) == 8, table  # training, 3 loader rows, batch prediction (auto, torch), single prediction, compute
+        # training, 3 loader rows, 2 shard rows, batch prediction (2 backends x 2 references), single prediction, compute
+        assert len(rows) == 12, table
     assert "targets met:" in table and "machine:" in table

@@ -14,12 +14,12 @@ from typer.testing import CliRunner
 from mdn_cli import engine
 from mdn_cli import train as train_module
 from mdn_cli.cli import app
-from mdn_cli.dataset import Augment, augment_image
+from mdn_cli.data.dataset import Augment, augment_image
 from mdn_cli.engine import Segment, schedule_factor
-from mdn_cli.labels import read_labels
+from mdn_cli.data.labels import read_labels
 from mdn_cli.model import MDNHead
 from mdn_cli.runtime import Runtime, select_runtime
-from mdn_cli.splits import assign_splits
+from mdn_cli.data.splits import assign_splits
 
 runner = CliRunner()
 
@@ -302,7 +302,7 @@ def test_batches_of_one_image_train(tiny_config, tmp_path):
 def test_running_the_model_leaves_every_submodule_in_its_own_mode():
     """Validation and feature caching run the network in eval mode in between training steps; they
     must hand back a frozen backbone still in eval mode and a head still training (with dropout)."""
-    from mdn_cli.dataset import Batch
+    from mdn_cli.data.dataset import Batch
     from mdn_cli.engine import set_train_mode
     from mdn_cli.runtime import run_model
     from mdn_cli.model import MDNRegressor, ModelArgs

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from mdn_cli import mixture as mx
 from mdn_cli.cli import app
+from mdn_cli.data.folder import unlabelled
 from mdn_cli.inference import Predictor
 from mdn_cli.ood import (
     FeatureBank,
@@ -76,9 +77,14 @@ def test_an_ensemble_of_two_is_exactly_the_mixture_of_both(members):
     images = sorted((data / "images").glob("*.png"))[:12]
     ens, _ = Predictor.from_checkpoint(tmp / "runs/tiny/best.pt", CPU)
     singles = [Predictor.from_checkpoint(tmp / f"runs/tiny-{i}/best.pt", CPU)[0] for i in (1, 2)]
-    e_pred = ens.run(images, CPU, num_workers=0)
+    source, examples = unlabelled(images)
+
+    def run(p):
+        return p.run(p.loader(source, examples, num_workers=0), CPU)
+
+    e_pred = run(ens)
     raw = ens.mixture(e_pred, calibrated=False)
-    parts = [p.mixture(p.run(images, CPU, num_workers=0), calibrated=False) for p in singles]
+    parts = [p.mixture(run(p), calibrated=False) for p in singles]
     torch.testing.assert_close(raw.weights, torch.cat([p.weights for p in parts], 1) / 2, rtol=0, atol=1e-12)
     torch.testing.assert_close(raw.means, torch.cat([p.means for p in parts], 1), rtol=0, atol=1e-12)
     torch.testing.assert_close(raw.stds, torch.cat([p.stds for p in parts], 1), rtol=0, atol=1e-12)
@@ -169,8 +175,11 @@ def test_the_warnings_scales_come_from_val_and_its_threshold_from_calibration(me
     best = tmp / "runs/tiny-1/best.pt"
     predictor, _ = Predictor.from_checkpoint(best, CPU)
     rows = list(csv.DictReader(open(best.parent / "splits.csv")))
-    features = {split: predictor.run([data / r["image"] for r in rows if r["split"] == split], CPU, num_workers=0).features[0]
-                for split in ("val", "calibration")}
+    def features_of(split):
+        source, examples = unlabelled([data / r["image"] for r in rows if r["split"] == split])
+        return predictor.run(predictor.loader(source, examples, num_workers=0), CPU).features[0]
+
+    features = {split: features_of(split) for split in ("val", "calibration")}
     bank = predictor.members[0].bank
 
     def medians(vectors):
@@ -213,10 +222,15 @@ def test_stage_statistics_are_those_of_the_last_layer_at_each_resolution_on_ever
     x = torch.randn(3, 3, 64, 64)
     with torch.inference_mode():
         net(x)
-        first = stats.collect()
+        first = stats.collect()  # no plan for 64 px yet: this pass finds it
         net(x)
         planned = stats.collect()
-        for handle in stats.handles:
+        ahead = StageStatistics(net)  # planned ahead, by a one-image pass (what predictors do)
+        ahead.plan(64)
+        assert ahead.plans == stats.plans
+        net(x)
+        planned_ahead = ahead.collect()
+        for handle in stats.handles + ahead.handles:
             handle.remove()
         latest = {}  # the definition, independently: statistics taken as each layer runs, the last one kept
 
@@ -229,7 +243,9 @@ def test_stage_statistics_are_those_of_the_last_layer_at_each_resolution_on_ever
                 m.register_forward_hook(record)
         net(x)
         reference = [latest[k] for k in sorted(latest, reverse=True)]
-    assert len(first) == len(planned) == len(reference) >= 3
+    assert len(first) == len(planned) == len(planned_ahead) == len(reference) >= 3
+    for a, b in zip(planned_ahead, reference):
+        torch.testing.assert_close(a, b)
     for a, b in zip(planned, reference):
         torch.testing.assert_close(a, b)
     for a, b in zip(first, reference):

@@ -18,8 +18,8 @@ from mdn_cli.cli import app
 from mdn_cli.config import load_config
 from mdn_cli.errors import CheckpointError, DataError, WriteError
 from mdn_cli.images import UnreadableImageError, load_rgb
-from mdn_cli.labels import read_labels
-from mdn_cli.splits import assign_splits, check_split_sizes
+from mdn_cli.data.labels import read_labels
+from mdn_cli.data.splits import assign_splits, check_split_sizes
 from mdn_cli.train import Training
 
 runner = CliRunner()

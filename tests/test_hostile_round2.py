@@ -114,8 +114,8 @@ def test_predict_when_every_input_is_unreadable(trained, tmp_path, kind):
 
 def test_every_val_image_unreadable_under_skip(tmp_path, toy_data):
     from mdn_cli.config import load_config
-    from mdn_cli.labels import read_labels
-    from mdn_cli.splits import assign_splits
+    from mdn_cli.data.labels import read_labels
+    from mdn_cli.data.splits import assign_splits
 
     data = Path(shutil.copytree(toy_data, tmp_path / "data"))
     config = write_config(tmp_path / "c.yaml", data, tmp_path / "runs", data={"on_bad_image": "skip"},

@@ -139,7 +139,7 @@ def test_collective_mode_defers_to_the_point_every_process_reaches():
 
 def test_a_loader_worker_ignores_stop_signals(toy_data):
     """A terminal sends Ctrl-C to the whole process group; workers must leave the decision to the main process."""
-    from mdn_cli.dataset import ImageRegressionDataset, close_loader, make_loader
+    from mdn_cli.data.dataset import ImageRegressionDataset, make_loader
 
     class Pids(ImageRegressionDataset):
         def __getitem__(self, key):
@@ -153,7 +153,7 @@ def test_a_loader_worker_ignores_stop_signals(toy_data):
             os.kill(pid, signal.SIGTERM)
         assert {int(p) for batch in loader for p in batch.targets.tolist()} == pids  # the same workers, still serving
     finally:
-        close_loader(loader)
+        loader.close()
     for pid in pids:  # stopped and reaped
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)

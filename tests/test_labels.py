@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from mdn_cli.errors import DataError
-from mdn_cli.labels import MAX_REPORTED, MAX_TARGET, SPLITS, Labels, read_labels
+from mdn_cli.data.labels import MAX_REPORTED, MAX_TARGET, SPLITS, Labels, read_labels
 
 HEADER = "image,weight,split\n"
 

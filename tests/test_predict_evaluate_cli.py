@@ -85,6 +85,49 @@ def test_predict_table_csv_and_output_file(trained, toy_data, tmp_path):
     assert float(rows[0]["interval_95_low"]) < float(rows[0]["interval_95_high"])
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_predictions_are_streamed_in_chunks_and_the_output_is_the_same(trained, toy_data, tmp_path, monkeypatch, backend):
+    """Memory stays flat over any number of images: summaries are made a chunk at a time and
+    written as they come; the output is what one pass over every image at once gives."""
+    if backend == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    from mdn_cli import predict
+
+    outputs, real = {}, predict.summarize
+    for chunk in (10_000, 16):
+        monkeypatch.setattr(predict, "CHUNK", chunk)
+        calls = []
+        monkeypatch.setattr(predict, "summarize", lambda pred, *a, **k: calls.append(len(pred.mixture)) or real(pred, *a, **k))
+        for fmt in ("json", "csv", "table"):
+            result = mdn("predict", toy_data / "images", "-c", trained, "--format", fmt, "--backend", backend, "--batch-size", "8",
+                         "--output", tmp_path / f"{chunk}.{fmt}")
+            assert result.exit_code == 0, result.output
+            outputs[chunk, fmt] = (tmp_path / f"{chunk}.{fmt}").read_text()
+        assert sum(calls) == 3 * 60 and (max(calls) <= 16 if chunk == 16 else calls == [60] * 3), calls
+    # the same records (ood scores to rounding: the nearest-neighbour search multiplies the chunk's rows together)
+    assert same(json.loads(outputs[16, "json"]), json.loads(outputs[10_000, "json"]))
+    assert len(json.loads(outputs[16, "json"])) == 60
+    streamed, whole = (list(csv.reader(io.StringIO(outputs[c, "csv"]))) for c in (16, 10_000))
+    assert same(streamed, whole)
+    assert outputs[16, "table"] == outputs[10_000, "table"]
+
+
+def same(a, b) -> bool:
+    """Equal, numbers (and numbers written as text) to a relative 1e-9 (float rounding)."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, str) and isinstance(b, str) and a != b:
+        try:
+            return same(float(a), float(b))
+        except ValueError:
+            return False
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= 1e-9 * max(abs(a), abs(b), 1e-12)
+    return a == b
+
+
 def test_predict_glob_and_newest_checkpoint_by_default(trained, toy_data, tmp_path, monkeypatch):
     run = tmp_path / "runs" / "x"
     run.mkdir(parents=True)

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from mdn_cli import cli, curves, plots
 from mdn_cli.cli import app
-from mdn_cli.labels import SPLITS
+from mdn_cli.data.labels import SPLITS
 from mdn_cli.predict import FORMATS
 from mdn_cli.train import HISTORY_COLUMNS
 
@@ -283,7 +283,7 @@ def test_every_command_help_reads_well(command):
     for tag in ("<bool>", "<list[str]>", "<str>", "<path>", "{"):
         assert tag not in out, f"{tag} in mdn {command} --help"
     usage = {"train": "mdn train [OPTIONS] CONFIG", "ensemble": "mdn ensemble [OPTIONS] CHECKPOINT...",
-             "predict": "mdn predict [OPTIONS] IMAGE...", "evaluate": "mdn evaluate [OPTIONS]", "serve": "mdn serve [OPTIONS] CHECKPOINT"}
+             "predict": "mdn predict [OPTIONS] [IMAGE...]", "evaluate": "mdn evaluate [OPTIONS]", "serve": "mdn serve [OPTIONS] CHECKPOINT"}
     assert f"Usage: {usage[command]}" in out
 
 

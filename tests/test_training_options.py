@@ -10,11 +10,11 @@ import torch
 from conftest import write_config
 from typer.testing import CliRunner
 
-from mdn_cli import cache as cache_module
-from mdn_cli.cache import DecodedCache
+from mdn_cli.data import cache as cache_module
+from mdn_cli.data.cache import DecodedCache
 from mdn_cli.cli import app
 from mdn_cli.config import load_config
-from mdn_cli.dataset import decode_square
+from mdn_cli.data.dataset import decode_square
 from mdn_cli.engine import make_optimizer
 from mdn_cli.model import MDNRegressor
 from mdn_cli.train import model_args

@@ -14,7 +14,6 @@ to all images, and its records say so.
 
 from __future__ import annotations
 
-import torch
 
 from .. import mixture as mx
 from .. import modes

@@ -110,6 +110,15 @@ class DataConfig(_Section):
     """Folder of the disk cache (default: ~/.cache/mdn-cli/decoded)."""
     num_workers: int | Literal["auto"] = "auto"
     """DataLoader worker processes; auto picks from the CPU cores available."""
+    shards: str | None = None
+    """A shard set to read instead of root and labels (`mdn shard` writes one): a folder, file://
+    or s3:// URL (AWS_ENDPOINT_URL and the AWS credential variables for S3-compatible stores)."""
+    shard_cache_dir: str | None = None
+    """Where remote shards are kept once downloaded (default: ~/.cache/mdn-cli/shards)."""
+    shard_cache_gb: float = Field(10.0, gt=0.0)
+    """Most disk the shard cache may take, in GB: the least recently used shards go first."""
+    shuffle_buffer: int = Field(1000, ge=1)
+    """Training images mixed in memory while streaming shards (more: a better shuffle, more memory)."""
 
     @field_validator("num_workers", mode="before")
     @classmethod
@@ -117,6 +126,13 @@ class DataConfig(_Section):
         if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
             return v
         raise ValueError("must be 'auto' or a whole number >= 0")
+
+    @model_validator(mode="after")
+    def _shard_cache(self) -> DataConfig:
+        if self.shards and self.cache == "disk":
+            raise ValueError("data.cache: disk keeps decoded image files; with data.shards the shard cache keeps the "
+                             "shards on disk (data.shard_cache_dir): use data.cache: memory or none")
+        return self
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:

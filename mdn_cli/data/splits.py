@@ -20,8 +20,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DataError
-from .files import atomic_writer
+from ..errors import DataError
+from ..files import atomic_writer
 from .labels import SPLITS, Example, read_labels
 
 SPLITS_FILE = "splits.csv"

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import DataError
-from .images import UnreadableImageError, decode_square
-from .interrupts import ignore_in_worker
+from ..errors import DataError
+from ..images import UnreadableImageError, decode_square
+from ..interrupts import ignore_in_worker
 
 if TYPE_CHECKING:
     from .cache import DecodedCache
@@ -172,9 +172,9 @@ def make_loader(
     drop_last: bool = False,
     pin_memory: bool = False,
     name: str = "images",
-) -> DataLoader:
+) -> Loader:
     """A batched loader of `Batch`es; workers stay alive across epochs (stop them with
-    `close_loader`) and ignore Ctrl-C and SIGTERM, which the main process acts on. `name` names
+    `Loader.close`) and ignore Ctrl-C and SIGTERM, which the main process acts on. `name` names
     the moment its first worker starts (`NAME-workers`, see interrupts.reached).
 
     It has its own generator: a DataLoader without one draws its workers' base seed from the
@@ -192,15 +192,22 @@ def make_loader(
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(0),
-        worker_init_fn=functools.partial(ignore_in_worker, f"{name}-workers") if num_workers > 0 else None,
+        worker_init_fn=worker_init(name) if num_workers > 0 else None,
     )
 
 
+def worker_init(name: str):
+    """A DataLoader's worker_init_fn: ignore stop signals; the first worker marks `NAME-workers`."""
+    return functools.partial(ignore_in_worker, f"{name}-workers")
+
+
 class Loader(DataLoader):
-    """A DataLoader whose worker processes, if one dies, end the command with one clear line (a
-    DataError) instead of a traceback or a hang. A worker dies when it cannot hand a batch over
-    (shared memory full: a small /dev/shm, a file-size limit): `interrupts.ignore_in_worker` makes
-    it exit then, where Python's queue would drop the batch and leave both sides waiting forever."""
+    """A DataLoader of `Batch`es with the two things a run needs besides iterating it: `set_epoch`
+    (the seeded sampler's epoch) and `close` (stop its worker processes now). A worker that dies
+    ends the command with one clear line (a DataError) instead of a traceback or a hang; a worker
+    dies when it cannot hand a batch over (shared memory full: a small /dev/shm, a file-size
+    limit): `interrupts.ignore_in_worker` makes it exit then, where Python's queue would drop the
+    batch and leave both sides waiting for ever."""
 
     def __iter__(self):
         iterator = super().__iter__()
@@ -218,12 +225,15 @@ class Loader(DataLoader):
                 ) from None
             yield batch
 
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
 
-def close_loader(loader: DataLoader) -> None:
-    """Stop a loader's worker processes now and wait for them: persistent workers otherwise live
-    until the loader is collected, which after an error or a stop can be at interpreter exit,
-    where a worker still writing to its pipe prints a broken-pipe traceback."""
-    iterator = getattr(loader, "_iterator", None)
-    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-        iterator._shutdown_workers()  # what DataLoader's own __del__ calls
-    loader._iterator = None
+    def close(self) -> None:
+        """Stop the worker processes now and wait for them: persistent workers otherwise live until
+        the loader is collected, which after an error or a stop can be at interpreter exit, where a
+        worker still writing to its pipe prints a broken-pipe traceback."""
+        iterator = getattr(self, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()  # what DataLoader's own __del__ calls
+        self._iterator = None

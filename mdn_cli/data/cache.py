@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError, WriteError
-from .files import atomic_writer
-from .images import decode_square
+from ..errors import DataError, WriteError
+from ..files import atomic_writer
+from ..images import decode_square
 
 
 def cache_directory(setting: str | None) -> Path:
@@ -55,13 +55,14 @@ class DecodedCache:
         else:
             raise ValueError(mode)
 
-    def get(self, i: int, path: Path, size: int) -> torch.Tensor:
+    def get(self, i: int, source: Path | bytes, size: int, name: str | None = None) -> torch.Tensor:
+        """Image i decoded from `source` (a file, or a shard record's bytes named `name`), once."""
         if self.mode == "memory":
             if not self.filled[i]:
-                self.images[i] = decode_square(path, size)
+                self.images[i] = decode_square(source, size, name=name)
                 self.filled[i] = 1
             return self.images[i].clone()
-        return self._disk_get(path, size)
+        return self._disk_get(source, size)
 
     def _disk_get(self, path: Path, size: int) -> torch.Tensor:
         try:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from .errors import DataError
+from ..errors import DataError
 
 SPLITS = ("train", "val", "calibration", "test")
 """The split names; calibration images are used only to calibrate the predictive intervals."""
