@@ -212,6 +212,41 @@ def test_check_data_on_clean_data_reports_nothing(tmp_path, toy_data):
            "0 image problems, 0 outliers" in result.output
 
 
+def lookalike_photos(folder: Path) -> None:
+    """Two photos with the same broad layout and different detail (as aligned faces of two
+    people are), which a 64-bit perceptual hash cannot tell apart, and a re-sized, re-compressed
+    copy of the first."""
+    import numpy as np
+
+    side = 256
+    y, x = np.mgrid[0:side, 0:side] / side
+    layout = np.asarray(Image.fromarray(np.random.default_rng(3).uniform(0, 255, (4, 4, 3)).astype(np.uint8))
+                        .resize((side, side), Image.BICUBIC), dtype=np.float32)
+
+    def photo(seed: int) -> Image.Image:
+        rng, detail = np.random.default_rng(seed), np.zeros((side, side))
+        for _ in range(6):  # 5-7 cycles across: finer than the 64-bit hash sees, coarser than the 256-bit one
+            fx, fy = rng.integers(5, 8, 2) * rng.choice([-1, 1], 2)
+            detail += np.cos(2 * np.pi * (fx * x + fy * y) + rng.uniform(0, 2 * np.pi))
+        return Image.fromarray(np.clip(layout + 5 * detail[..., None], 0, 255).astype(np.uint8))
+
+    photo(103).save(folder / "one.png")
+    photo(203).save(folder / "other.png")
+    photo(103).resize((180, 180)).save(folder / "one-again.jpg", quality=70)
+
+
+def test_check_data_tells_lookalikes_from_copies(tmp_path):
+    import imagehash
+
+    lookalike_photos(tmp_path)
+    one, other = (Image.open(tmp_path / n) for n in ("one.png", "other.png"))
+    assert imagehash.phash(one) - imagehash.phash(other) <= 4  # a candidate for the coarse hash...
+    (tmp_path / "labels.csv").write_text("image,weight\none.png,1\nother.png,2\none-again.jpg,1\n")
+    result = mdn("check-data", tmp_path / "labels.csv", "--output", tmp_path / "check")
+    pairs = {frozenset((p["image_a"], p["image_b"])) for p in csv.DictReader(open(tmp_path / "check" / "duplicates.csv"))}
+    assert pairs == {frozenset(("one.png", "one-again.jpg"))}, result.output  # ...not a copy for the fine one
+
+
 def test_training_warns_about_copies_across_splits_before_epoch_1(tmp_path, toy_data):
     root = tmp_path / "leaky"
     (root / "images").mkdir(parents=True)
