@@ -14,4 +14,6 @@ if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
         echo "note: no /usr/bin/chromium or /usr/bin/chromedriver, and apt-get needs root here; the browser test will be skipped" >&2
     fi
 fi
-"$PY" -m pytest -q "$@"
+# One test process per core (pytest-xdist), a test file at a time per process so that a file's
+# trained-run fixtures are built once.
+"$PY" -m pytest -q -n 2 --dist loadfile "$@"

@@ -19,6 +19,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # Caches (ONNX exports for onnxruntime, decoded images) go to a folder of this test session, never
 # to the user's home.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="mdn-test-cache-")
+# Under pytest-xdist (scripts/test.sh runs one test process per core) each process and every `mdn`
+# it starts computes on one thread: two processes with a thread per core each would spin-wait on
+# each other's OpenMP barriers, several times slower than one.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def load_script(name: str):
