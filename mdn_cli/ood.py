@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .calibration.levels import images_needed, rank, realised_range
 
@@ -38,20 +39,22 @@ class StageStatistics:
 
     The statistics are taken when the layer runs (a later in-place op, such as a residual `+=`,
     may change the tensor), at the layers of the input size's plan only: which layer is last at
-    each resolution. `plan(size)` finds them with a one-image pass that computes nothing else;
-    an input size without a plan gets one from its first pass, which then computes the statistics
-    at every layer (at every layer on every pass, they made predictions 3x slower)."""
+    each resolution. Only those layers carry a hook: a forward hook on every layer sends each
+    module through PyTorch's slow call path and made the network alone 15% slower. `plan(size)`
+    finds the layers with a one-image pass that computes nothing else; an input size without a
+    plan gets one from its first pass, which hooks and computes the statistics at every layer."""
 
     def __init__(self, backbone: nn.Module):
         self.backbone = backbone
+        self.leaves = [m for m in backbone.modules() if not any(True for _ in m.children())]
         self.latest: dict[tuple[int, int], torch.Tensor] = {}
         self.last: dict[tuple[int, int], int] = {}  # resolution -> id of the last layer seen there, this pass
         self.plans: dict[tuple[int, int], set[int]] = {}  # input size -> ids of the layers to record
         self.size: tuple[int, int] = (0, 0)
         self.planning = False
-        leaves = [m for m in backbone.modules() if not any(True for _ in m.children())]
-        self.handles = [backbone.register_forward_pre_hook(self._start)]
-        self.handles += [m.register_forward_hook(self._record) for m in leaves]
+        self.start = backbone.register_forward_pre_hook(self._start)
+        self.hooked: dict[int, RemovableHandle] = {}  # the layers of every plan
+        self.probing: list[RemovableHandle] = []  # every other layer, during a pass without a plan
 
     @torch.no_grad()
     def plan(self, size: int) -> None:
@@ -65,34 +68,53 @@ class StageStatistics:
         self.planning = True
         try:
             self.backbone(torch.zeros(1, 3, size, size, dtype=parameter.dtype, device=parameter.device))
-            self.plans[(size, size)] = set(self.last.values())
+            self._learn()
         finally:
             self.planning = False
             self.latest, self.last = {}, {}
             for m, training in modes:
                 m.training = training
 
+    def remove(self) -> None:
+        """Take every hook off the backbone."""
+        for handle in [self.start, *self.hooked.values(), *self.probing]:
+            handle.remove()
+        self.hooked, self.probing = {}, []
+
     def _start(self, module: nn.Module, args) -> None:
         self.size = (int(args[0].shape[-2]), int(args[0].shape[-1]))  # ints: an exporter may trace sizes as tensors
         self.latest, self.last = {}, {}
+        if self.size not in self.plans and not self.probing:
+            self.probing = [m.register_forward_hook(self._record) for m in self.leaves if id(m) not in self.hooked]
+
+    def _learn(self) -> None:
+        """The pass that just ran, with every layer hooked, gives the plan of its input size."""
+        layers = set(self.last.values())
+        self.plans[self.size] = layers
+        for handle in self.probing:
+            handle.remove()
+        self.probing = []
+        for m in self.leaves:
+            if id(m) in layers and id(m) not in self.hooked:
+                self.hooked[id(m)] = m.register_forward_hook(self._record)
 
     def _record(self, module: nn.Module, inputs, output) -> None:
         plan = self.plans.get(self.size)
         if plan is not None and id(module) not in plan:
             return
         if isinstance(output, torch.Tensor) and output.ndim == 4 and min(output.shape[-2:]) > 1:
+            key = (int(output.shape[-2]), int(output.shape[-1]))
+            self.last[key] = id(module)
             if self.planning:
-                self.last[(int(output.shape[-2]), int(output.shape[-1]))] = id(module)
                 return
             x = output.float()
             mean = x.mean((2, 3), keepdim=True)
             std = (x - mean).square().mean((2, 3)).sqrt()  # two passes: 3x faster than torch.std on CPUs, as exact
-            key = (int(output.shape[-2]), int(output.shape[-1]))
             self.latest[key] = torch.cat([mean.flatten(1), std], 1)
-            self.last[key] = id(module)
 
     def collect(self) -> list[torch.Tensor]:
-        self.plans.setdefault(self.size, set(self.last.values()))
+        if self.size not in self.plans:
+            self._learn()
         stages = [self.latest[k] for k in sorted(self.latest, reverse=True)]
         self.latest = {}
         return stages

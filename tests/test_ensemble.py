@@ -230,8 +230,11 @@ def test_stage_statistics_are_those_of_the_last_layer_at_each_resolution_on_ever
         assert ahead.plans == stats.plans
         net(x)
         planned_ahead = ahead.collect()
-        for handle in stats.handles + ahead.handles:
-            handle.remove()
+        hooked = sum(len(m._forward_hooks) for m in net.modules())
+        assert 0 < hooked == len(stats.hooked) + len(ahead.hooked) < len(stats.leaves)  # the planned layers only
+        stats.remove()
+        ahead.remove()
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
         latest = {}  # the definition, independently: statistics taken as each layer runs, the last one kept
 
         def record(module, inputs, output):
