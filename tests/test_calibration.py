@@ -11,7 +11,7 @@ from mdn_cli import calibration as cal
 from mdn_cli import mixture as mx
 from mdn_cli import modes as md
 from mdn_cli.calibration import Calibration, FitData, level_key
-from mdn_cli.calibration.cells import MIN_IMAGES, CellScores, Taxonomy, bins_for
+from mdn_cli.calibration.cells import MIN_IMAGES, CellScores, Taxonomy, bins_for, grid_for
 from mdn_cli.calibration.levels import beta_quantile, central_ranks, images_needed, realised_range
 from mdn_cli.calibration.scale import StdScale, fit_constant, fit_covariates
 from mdn_cli.metrics import coverage_by, equal_count_bins, homogeneity, score
@@ -420,3 +420,34 @@ def test_homogeneity_test_tells_equal_from_unequal_cells():
 
 def test_bins_for_the_calibration_set_size():
     assert bins_for(520, 2) == 2 and bins_for(399, 2) == 1 and bins_for(5000, 2) == 7 and bins_for(150, 1) == 1
+    # too few for a 2 x 2 grid: the spread alone, in cells of at least 60 (never below MIN_IMAGES)
+    assert grid_for(520) == (2, 2) and grid_for(399) == (1, 6) and grid_for(199) == (1, 3) and grid_for(119) == (1, 1)
+    assert all(n // grid_for(n)[1] >= MIN_IMAGES for n in range(100, 400))
+
+
+def kinked(n: int, seed: int):
+    """Right where it is unsure, far too confident below a spread of 1: it predicts N(2, s^2) with
+    s log-uniform in [0.1, 10], the truth is N(2, max(s, 1)^2). No smooth rescaling of the
+    spread matches the kink; cells of the spread do."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.exp(torch.empty(n, dtype=torch.float64).uniform_(math.log(0.1), math.log(10.0), generator=g))
+    y = 2.0 + s.clamp_min(1.0) * torch.randn(n, generator=g, dtype=torch.float64)
+    return mx.Mixture(torch.ones(n, 1), torch.full((n, 1), 2.0), s.unsqueeze(1)), y, s
+
+
+def test_a_small_calibration_set_still_calibrates_the_narrow_predictions():
+    """199 calibration images are too few for a 2 x 2 grid; the cells then split the predicted
+    spread alone, and the narrowest third of the predictions covers as promised on average over
+    calibration sets, where one level for all leaves it below."""
+    val, y_val, _ = kinked(300, 1)
+    test, y, s = kinked(6000, 3)
+    narrow = s <= s.quantile(1 / 3)
+    covered: dict[str, list[float]] = {"marginal": [], "conformal": []}
+    for seed in range(20):
+        c_m, y_cal, _ = kinked(199, 100 + seed)
+        for method in covered:
+            lo, hi = cal.fit(method, FitData(val, y_val, c_m, y_cal)).apply(test).interval(0.68)
+            covered[method].append(float(((y >= lo) & (y <= hi))[narrow].double().mean()))
+    mean = {method: sum(v) / len(v) for method, v in covered.items()}
+    assert mean["conformal"] == pytest.approx(0.6827, abs=0.025), mean
+    assert mean["marginal"] < 0.6827 - 0.1, mean

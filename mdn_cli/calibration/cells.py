@@ -31,11 +31,22 @@ not (README, "How much can I trust the intervals?"). A 95% interval from 130 ima
 realised coverage within about 2 points (s.d.) of its level."""
 MIN_IMAGES = 50
 """Fewer than this in a cell and it falls back (a 95% interval needs 39 for finite ends)."""
+SPREAD_CELL = 60
+"""Calibration images per cell when there are too few for a 2 x 2 grid (under 400): the cells then
+split the predicted spread alone, the axis where an average hides most (narrow intervals cover
+too rarely). 60 keeps every cell above MIN_IMAGES; 199 images make 3 cells of about 66."""
 
 
 def bins_for(n: int, axes: int, images_per_cell: int = IMAGES_PER_CELL) -> int:
     """Bins per axis so that n images over `axes` axes give about `images_per_cell` a cell (>= 1)."""
     return max(1, int(math.floor((n / images_per_cell) ** (1.0 / axes)))) if axes else 1
+
+
+def grid_for(n: int) -> tuple[int, int]:
+    """(value bins, spread bins) for n calibration images (per group): a square grid of about
+    IMAGES_PER_CELL a cell when it has 2 bins a side or more, else bins of the spread alone."""
+    bins = bins_for(n, 2)
+    return (bins, bins) if bins > 1 else (1, max(1, n // SPREAD_CELL))
 
 
 def quantile_edges(values: Tensor, bins: int) -> tuple[float, ...]:

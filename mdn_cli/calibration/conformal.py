@@ -18,7 +18,7 @@ from __future__ import annotations
 from .. import mixture as mx
 from .. import modes
 from . import Calibration, FitData, Method, register
-from .cells import CellScores, Taxonomy, bins_for, quantile_edges
+from .cells import CellScores, Taxonomy, grid_for, quantile_edges
 from .scale import covariates, fit_covariates
 
 
@@ -29,9 +29,9 @@ def fit_conformal(data: FitData) -> Calibration:
     names = sorted({g for g in data.cal_groups or [] if g is not None})
     # Each group's calibration images are split into its own bins; the edges come from val.
     per_group = min((sum(1 for g in data.cal_groups if g == name) for name in names), default=len(cal))
-    bins = bins_for(per_group, 2)
+    centre_bins, spread_bins = grid_for(per_group)
     centre, spread = covariates(val)
-    taxonomy = Taxonomy(quantile_edges(centre, bins), quantile_edges(spread, bins), tuple(names))
+    taxonomy = Taxonomy(quantile_edges(centre, centre_bins), quantile_edges(spread, spread_bins), tuple(names))
     cells, groups = taxonomy.assign(cal, data.cal_groups)
     pit, hdr = mx.cdf(cal, data.cal_targets), modes.hdr_score(cal, data.cal_targets)
     return Calibration("conformal", scale, taxonomy, CellScores.of(taxonomy, cells, groups, pit, hdr))
