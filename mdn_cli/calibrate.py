@@ -106,7 +106,7 @@ def _log_fit(result: Calibration, data: FitData, log: Callable[[str], None]) -> 
     log(f"std scale on {len(data.val_targets)} val images: {kind}, val NLL {before:.4f} -> {after:.4f}")
     if result.scores is None:
         return
-    whole = result.apply(data.cal)
+    whole = result.apply(data.cal, data.cal_groups)
     levels = ", ".join(f"{level:.0%} -> CDF levels {float(lo.min()):.4f}..{float(hi.max()):.4f}" if len(result.scores.pit) > 1 else
                        f"{level:.0%} -> CDF levels {float(lo[0]):.4f}..{float(hi[0]):.4f}"
                        for level in DEFAULT_LEVELS for lo, hi in [whole.interval_probs(level)])

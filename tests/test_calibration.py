@@ -363,6 +363,12 @@ def test_each_group_gets_its_coverage_and_an_unknown_group_is_told():
     assert all(r["calibrated_with"] == {"set": "all calibration images"} and r["n_images"] == 1200 for r in records)
     own = conditional.apply(test[:1], ["B"]).describe((0.95,))[0]
     assert own["n_images"] == sum(1 for g in g_cal if g == "B") and "warning" not in own
+    from mdn_cli.calibrate import _log_fit
+
+    lines: list[str] = []  # what training prints: its calibration images with their groups, no warning
+    _log_fit(conditional, FitData(val, y_val, m_cal, y_cal, g_cal), lines.append)
+    assert lines and not any(line.startswith("warning") for line in lines), lines
+    assert "each cell (predicted value and spread, and group) calibrated on its own" in conditional.summary()["guarantee"]
 
 
 def test_covariate_scale_is_at_least_as_good_as_a_constant_one_on_val():

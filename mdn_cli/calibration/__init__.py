@@ -239,7 +239,7 @@ class Calibration:
         cells = self.scores is not None and bool(self.taxonomy.groups or self.taxonomy.centre_edges or self.taxonomy.spread_edges)
         out: dict = {"method": self.method, "n_images": self.n_images, "levels": list(levels), **self.scale.describe(),
                      "val_images": self.scale.images, "about": METHODS[self.method].about,
-                     "guarantee": METHODS[self.method].guarantee(self.n_images, {"set": "cell"} if cells else None)}
+                     "guarantee": METHODS[self.method].guarantee(self.n_images, {"set": "cells"} if cells else None)}
         if cells:
             out["guarantee"] += (f" ({len(self.scores.pit)} cells of {', '.join(self._axes())}, "
                                  f"{min(int(p.numel()) for p in self.scores.pit.values())}-"

@@ -44,6 +44,9 @@ def _guarantee(n: int, which: dict | None) -> str:
     if which["set"] == "group":
         return (f"split conformal on the {n} calibration images of group {which['group']!r}: each interval covers at least "
                 "its level of new images of that group, on average over them")
+    if which["set"] == "cells":
+        return (f"Mondrian split conformal on {n} calibration images, each cell (predicted value and spread, and group) "
+                "calibrated on its own images: each interval covers at least its level of new images of its cell, on average over them")
     return (f"Mondrian split conformal on the {n} calibration images of this prediction's cell (its predicted value and "
             "spread, and group): each interval covers at least its level of new images of the same cell, on average over them")
 
