@@ -19,12 +19,29 @@ ROOT = Path(__file__).resolve().parents[1]
 # Caches (ONNX exports for onnxruntime, decoded images) go to a folder of this test session, never
 # to the user's home.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="mdn-test-cache-")
+# A test process that a shell without job control started in the background (`cmd &` in a script)
+# begins with SIGINT ignored, and Python leaves it so; these tests check mdn as a terminal runs it.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 # Under pytest-xdist (scripts/test.sh runs one test process per core) each process and every `mdn`
 # it starts computes on one thread: two processes with a thread per core each would spin-wait on
 # each other's OpenMP barriers, several times slower than one.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_left_as_found():
+    """Every test (and the mdn code it runs in this process) leaves Ctrl-C and SIGTERM as it found
+    them: a library call that left SIGINT ignored would leave a notebook deaf to Ctrl-C, and the
+    next test of this process with it."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    after = {s: signal.getsignal(s) for s in before}
+    for s, handler in before.items():
+        signal.signal(s, signal.SIG_DFL if handler is None else handler)
+    assert after == before, f"signal handlers changed by this test: {before} -> {after}"
 
 
 def load_script(name: str):
