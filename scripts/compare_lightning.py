@@ -6,7 +6,7 @@ size, epochs and seeds; whole-process wall time, train+val time and test scores 
 
 Per seed:
   mdn        `mdn train configs/toy.yaml --set run.seed=S` (resnet18 from scratch at 64 px, 3
-             components, 15 epochs of batches of 32, AdamW lr 1e-3): the whole process, as a user
+             components, all 15 epochs (no early stopping) of batches of 32, AdamW lr 1e-3): the whole process, as a user
              runs it (training, calibration, the unfamiliar-image bank, test evaluation, plots)
   lightning  lightning-uq-box's MDNRegression (3 components) on the same torchvision resnet18
              from scratch, trained by a Lightning Trainer for 15 epochs of batches of 32 with the
@@ -131,7 +131,8 @@ def mdn_run(seed: int, runs: Path) -> dict:
     mdn = Path(sys.executable).parent / "mdn"
     name = f"lightning-compare-{seed}"
     command = [str(mdn), "train", str(ROOT / "configs" / "toy.yaml"), "--overwrite", "--set", f"run.seed={seed}", "--set",
-               f"run.name={name}", "--set", f"run.out_dir={runs}", "--set", f"data.root={ROOT / 'data' / 'toy'}"]
+               f"run.name={name}", "--set", f"run.out_dir={runs}", "--set", f"data.root={ROOT / 'data' / 'toy'}",
+               "--set", "train.early_stopping_patience=null"]  # all 15 epochs, as Lightning runs them
     started = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - started

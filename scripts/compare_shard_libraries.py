@@ -69,6 +69,30 @@ def collate(items):
 
 # --- the three libraries: write, and a dataset yielding (image tensor, key) ------------------------
 
+# Datasets decoding each item, at module level: litdata and Streaming start their loader workers by
+# spawning, which unpickles the dataset in a fresh interpreter that re-imports this file.
+try:
+    import litdata
+    from streaming import StreamingDataset
+    from litdata.streaming import downloader as litdata_downloader
+
+    # litdata's fast download path (obstore) refuses plain HTTP, which the loopback store speaks;
+    # an S3 store over HTTPS needs nothing of this.
+    litdata_downloader._OBSTORE_CLIENT_OPTIONS["allow_http"] = True
+
+    class LitDecoded(litdata.StreamingDataset):
+        def __getitem__(self, index):
+            item = super().__getitem__(index)
+            return decode(item["image"]), item["key"]
+
+    class StreamingDecoded(StreamingDataset):
+        def __getitem__(self, index):
+            item = super().__getitem__(index)
+            return decode(item["image"]), item["key"]
+except ImportError:  # outside .venv-shards: the comparison cannot run, the module still imports
+    pass
+
+
 
 class WebDataset:
     name = "webdataset"
@@ -87,9 +111,11 @@ class WebDataset:
         import webdataset as wds
 
         fs, _, paths = fsspec.get_fs_token_paths(where.rstrip("/") + "/shard-*.tar")
-        urls = sorted(p if p.startswith("/") else f"{fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol}://{p}"
-                      for p in paths)
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        urls = sorted(p if p.startswith("/") else f"{protocol}://{p}" for p in paths)
         wds.gopen_schemes["s3"] = lambda url, mode="rb", bufsize=8192, **kw: fsspec.open(url, mode).open()
+        if where.startswith("s3"):
+            cache.mkdir(parents=True, exist_ok=True)
         ds = wds.WebDataset(urls, shardshuffle=len(urls) if shuffle else False, seed=seed, nodesplitter=wds.split_by_node,
                             workersplitter=wds.split_by_worker, cache_dir=str(cache) if where.startswith("s3") else None,
                             empty_check=False)
@@ -105,26 +131,21 @@ class WebDataset:
     resume = None  # no loader state: an epoch's order is a function of its seed, so a run can only restart an epoch
 
 
+def litdata_record(r: dict) -> dict:
+    """One litdata item (module level: litdata's writer processes are spawned and unpickle it)."""
+    return {"key": r["key"], "image": r["bytes"], "target": r["target"], "split": r["split"]}
+
+
 class LitData:
     name = "litdata"
 
     def write(self, recs: list[dict], out: Path, per_shard: int) -> None:
         import litdata
 
-        def one(r):
-            return {"key": r["key"], "image": r["bytes"], "target": r["target"], "split": r["split"]}
-
-        litdata.optimize(fn=one, inputs=recs, output_dir=str(out), chunk_size=per_shard, num_workers=1, verbose=False)
+        litdata.optimize(fn=litdata_record, inputs=recs, output_dir=str(out), chunk_size=per_shard, num_workers=1, verbose=False)
 
     def dataset(self, where: str, cache: Path, seed: int = 0, shuffle: bool = True):
-        import litdata
-
-        class Decoded(litdata.StreamingDataset):
-            def __getitem__(self, index):
-                item = super().__getitem__(index)
-                return decode(item["image"]), item["key"]
-
-        return Decoded(where if where.startswith("s3") else f"local:{where}", cache_dir=str(cache), shuffle=shuffle, seed=seed,
+        return LitDecoded(where if where.startswith("s3") else f"local:{where}", cache_dir=str(cache), shuffle=shuffle, seed=seed,
                        max_cache_size="2GB", storage_options={"endpoint_url": os.environ.get("AWS_ENDPOINT_URL")}
                        if where.startswith("s3") else None)
 
@@ -149,18 +170,12 @@ class Streaming:
                 writer.write({"key": r["key"], "image": r["bytes"], "target": r["target"], "split": r["split"]})
 
     def dataset(self, where: str, cache: Path, seed: int = 0, shuffle: bool = True):
-        from streaming import StreamingDataset
         from streaming.base.util import clean_stale_shared_memory
 
         clean_stale_shared_memory()
 
-        class Decoded(StreamingDataset):
-            def __getitem__(self, index):
-                item = super().__getitem__(index)
-                return decode(item["image"]), item["key"]
-
         remote = where if where.startswith("s3") else None
-        return Decoded(remote=remote, local=str(cache) if remote else where, shuffle=shuffle, shuffle_seed=seed, batch_size=BATCH,
+        return StreamingDecoded(remote=remote, local=str(cache) if remote else where, shuffle=shuffle, shuffle_seed=seed, batch_size=BATCH,
                        cache_limit="2gb" if remote else None)
 
     def loader(self, ds):
@@ -282,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 r["resume_exact"] = resume_exact(lib, str(out / "shards"), out / "resume")
             except Exception as e:  # noqa: BLE001 - a library without the feature, or broken for it: report it
-                r["resume_exact"] = f"failed: {type(e).__name__}: {str(e)[:120]}"
+                r["resume_exact"] = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"
             try:
                 (out / "ranks").mkdir()
                 r["torchrun"] = torchrun(name, str(out / "shards"), out / "ranks")

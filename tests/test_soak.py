@@ -27,3 +27,25 @@ def test_a_30_second_soak_of_mdn_serve_passes(tmp_path, toy_data):
     answers = result["answers"]
     assert answers["slow"].get("408", 0) >= 1 and answers["oversized"].get("413", 0) >= 1 and answers["normal"]["200"] >= 10
     assert result["server_exit_code"] == 130 and len(result["samples"]) >= 6
+
+
+def test_the_soak_tells_a_descriptor_leak_from_connections_in_flight(tmp_path):
+    """Descriptors that close once the load ends pass; descriptors that stay open are a leak."""
+    import os
+
+    soak = load_script("soak_serve")
+    start = len(os.listdir(f"/proc/{os.getpid()}/fd"))
+    held = [open(tmp_path / f"f{i}", "w") for i in range(20)]  # noqa: SIM115 - held open on purpose
+    try:
+        assert soak.settled_fds(os.getpid(), start, 8, settle_s=0.2) >= start + 20  # they never close: reported
+    finally:
+        for f in held:
+            f.close()
+    assert soak.settled_fds(os.getpid(), start, 8, settle_s=0.2) <= start + 8
+    from collections import Counter, defaultdict
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(samples=[{"t": 0, "rss_mb": 100.0, "fds": 11}, {"t": 10, "rss_mb": 100.0, "fds": 60}],  # a burst in flight
+                          answers=defaultdict(Counter), retry_after_missing=0)
+    assert not [f for f in soak.verdict(run, 130, 5, 12, 8) if "descriptors" in f]
+    assert [f for f in soak.verdict(run, 130, 5, 40, 8) if "a leak" in f]
