@@ -348,7 +348,6 @@ class Training:
             started = time.perf_counter()
             fitter(model.head).step(replace(batch, images=features.float().cpu()))
             head_step_s = time.perf_counter() - started
-        del model, optimizer, whole
         counts = {name: len(self.data.split(name)) for name in ("train", "val", "calibration", "test")}
         head_epochs = cfg.train.epochs if cfg.model.freeze_backbone else min(cfg.train.unfreeze_after or 0, cfg.train.epochs)
         load_s = step_s / 3  # what a forward pass through the loader costs against a training step, about (decode + forward)
