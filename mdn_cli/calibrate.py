@@ -71,7 +71,8 @@ def calibrate_checkpoint(
         method = "scale"
     kept = [splits["calibration"][i] for i in cal.indices.tolist()] if cal is not None else []
     data = FitData(*((predictor.mixture(val, calibrated=False), val.targets) if val is not None else (None, None)), *(
-        (predictor.mixture(cal, calibrated=False), cal.targets, [e.group for e in kept]) if cal is not None else ()))
+        (predictor.mixture(cal, calibrated=False), cal.targets, [e.group for e in kept]) if cal is not None else ()),
+        val_groups=[splits["val"][i].group for i in val.indices.tolist()] if val is not None else None)
     result = fit(method, data)
     _log_fit(result, data, log)
     predictor.calibration = result

@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     inputs = load_inputs(args.checkpoint)
     t = inputs["transform"]
     val, c, test = (mixture(inputs[s], t) for s in ("val", "calibration", "test"))
-    data = cal.FitData(val, inputs["val"]["y"], c, inputs["calibration"]["y"], inputs["calibration"]["groups"])
+    data = cal.FitData(val, inputs["val"]["y"], c, inputs["calibration"]["y"], inputs["calibration"]["groups"],
+                       val_groups=inputs["val"].get("groups"))
     y, groups = inputs["test"]["y"], inputs["test"]["groups"]
     print(f"{args.checkpoint}: {len(val)} val, {len(c)} calibration, {len(test)} test images", file=sys.stderr)
 

@@ -457,3 +457,34 @@ def test_a_small_calibration_set_still_calibrates_the_narrow_predictions():
     mean = {method: sum(v) / len(v) for method, v in covered.items()}
     assert mean["conformal"] == pytest.approx(0.6827, abs=0.025), mean
     assert mean["marginal"] < 0.6827 - 0.1, mean
+
+
+def test_each_group_gets_bins_from_its_own_val_images():
+    """A quiet group predicts narrow spreads, a noisy one wide ones: pooled bin edges would put all
+    of one group in the narrow cells; each group's own edges (from its val images, never from the
+    calibration images) share its calibration images about equally among its cells."""
+    def spread_groups(n: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        groups = ["A" if u < 0.5 else "B" for u in torch.rand(n, generator=g).tolist()]
+        low = torch.tensor([0.2 if name == "A" else 1.0 for name in groups], dtype=torch.float64)
+        s = low * torch.exp(torch.rand(n, generator=g, dtype=torch.float64) * math.log(5.0))
+        centre = torch.randn(n, generator=g, dtype=torch.float64)
+        y = centre + s * torch.randn(n, generator=g, dtype=torch.float64)
+        return mx.Mixture(torch.ones(n, 1), centre.unsqueeze(1), s.unsqueeze(1)), y, groups
+
+    val, y_val, g_val = spread_groups(1000, 1)
+    m_cal, y_cal, g_cal = spread_groups(1000, 2)
+    fitted = cal.fit("conformal", FitData(val, y_val, m_cal, y_cal, g_cal, val_groups=g_val))
+    assert len(fitted.taxonomy.group_edges) == 2 and fitted.taxonomy.shape == (2, 2, 2)
+    sizes = {cell: int(p.numel()) for cell, p in fitted.scores.pit.items()}
+    assert len(sizes) == 8 and all(80 <= n <= 180 for n in sizes.values()), sizes  # about 125 in each
+    assert Taxonomy.from_state(fitted.taxonomy.state()) == fitted.taxonomy
+    from mdn_cli.calibration.cells import quantile_edges
+    from mdn_cli.calibration.scale import covariates
+
+    centre, spread = covariates(fitted.scale.apply(val))  # the edges are the group's own val quantiles
+    for i, name in enumerate(("A", "B")):
+        rows = torch.tensor([g == name for g in g_val])
+        assert fitted.taxonomy.group_edges[i] == (quantile_edges(centre[rows], 2), quantile_edges(spread[rows], 2))
+    pooled = cal.fit("conformal", FitData(val, y_val, m_cal, y_cal, g_cal))  # no val groups: pooled edges, lopsided cells
+    assert not pooled.taxonomy.group_edges and max(int(p.numel()) for p in pooled.scores.pit.values()) > 200

@@ -329,6 +329,7 @@ class FitData:
     cal: mx.Mixture | None = None
     cal_targets: Tensor | None = None
     cal_groups: list[str | None] | None = None
+    val_groups: list[str | None] | None = None
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,10 @@ class Taxonomy:
     spread_edges: tuple[float, ...] = ()
     groups: tuple[str, ...] = ()
     """The groups that have cells of their own (data.group_column); empty: no groups."""
+    group_edges: tuple[tuple[tuple[float, ...], tuple[float, ...]], ...] = ()
+    """Per group (in `groups`' order): its own (centre, spread) edges, from its own val images, so
+    that each group's cells hold about equal shares of its calibration images. Empty: every group
+    uses the pooled edges above (which rows without a group always use)."""
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -74,16 +78,24 @@ class Taxonomy:
         _, nc, ns = self.shape
         return (group * nc + centre) * ns + spread
 
+    def edges(self, group: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The (centre, spread) edges of group index `group` (-1: no group of its own)."""
+        return self.group_edges[group] if self.group_edges and group >= 0 else (self.centre_edges, self.spread_edges)
+
     def assign(self, m: mx.Mixture, groups: list[str | None] | None = None) -> tuple[Tensor, Tensor]:
         """(cell (N,), group index (N,), -1 for a row whose group has no cell of its own)."""
         c, v = covariates(m)
-        ci = torch.bucketize(c, torch.tensor(self.centre_edges, dtype=torch.float64))
-        si = torch.bucketize(v, torch.tensor(self.spread_edges, dtype=torch.float64))
         if self.groups:
             index = {g: i for i, g in enumerate(self.groups)}
             gi = torch.tensor([index.get(g, -1) if g is not None else -1 for g in (groups or [None] * len(m))], dtype=torch.long)
         else:
             gi = torch.zeros(len(m), dtype=torch.long)
+        ci, si = torch.zeros(len(m), dtype=torch.long), torch.zeros(len(m), dtype=torch.long)
+        for g in gi.unique().tolist():
+            rows = gi == g
+            ce, se = self.edges(g)
+            ci[rows] = torch.bucketize(c[rows], torch.tensor(ce, dtype=torch.float64))
+            si[rows] = torch.bucketize(v[rows], torch.tensor(se, dtype=torch.float64))
         _, nc, ns = self.shape
         return (gi.clamp_min(0) * nc + ci) * ns + si, gi
 
@@ -92,29 +104,40 @@ class Taxonomy:
         _, nc, ns = self.shape
         g, rest = divmod(cell, nc * ns)
         c, s = divmod(rest, ns)
+        centre_edges, spread_edges = self.edges(g if self.groups else -1)
         out: dict = {}
         if self.groups:
             out["group"] = self.groups[g]
-        if self.centre_edges:
-            edges = [-math.inf, *self.centre_edges, math.inf]
+        if centre_edges:
+            edges = [-math.inf, *centre_edges, math.inf]
             unit = (lambda z: math.exp(z)) if transform == "log" else (lambda z: z)
             out["predicted_value_bin"] = {"index": c + 1, "of": nc, "range": [_finite(unit(edges[c])), _finite(unit(edges[c + 1]))]}
-        if self.spread_edges:
-            edges = [-math.inf, *self.spread_edges, math.inf]
+        if spread_edges:
+            edges = [-math.inf, *spread_edges, math.inf]
             out["predicted_spread_bin"] = {"index": s + 1, "of": ns, "range": [_finite(math.exp(edges[s])), _finite(math.exp(edges[s + 1]))],
                                            "in": "log units" if transform == "log" else "target units"}
         return out
 
     def state(self) -> dict:
-        return {"centre_edges": list(self.centre_edges), "spread_edges": list(self.spread_edges), "groups": list(self.groups)}
+        out = {"centre_edges": list(self.centre_edges), "spread_edges": list(self.spread_edges), "groups": list(self.groups)}
+        if self.group_edges:
+            out["group_edges"] = [[list(ce), list(se)] for ce, se in self.group_edges]
+        return out
 
     @classmethod
     def from_state(cls, state: dict) -> Taxonomy:
-        ce = tuple(float(x) for x in state.get("centre_edges", ()))
-        se = tuple(float(x) for x in state.get("spread_edges", ()))
-        if list(ce) != sorted(ce) or list(se) != sorted(se) or not all(math.isfinite(x) for x in ce + se):
-            raise ValueError("bin edges must be sorted finite numbers")
-        return cls(ce, se, tuple(str(g) for g in state.get("groups", ())))
+        def edges(values) -> tuple[float, ...]:
+            out = tuple(float(x) for x in values)
+            if list(out) != sorted(out) or not all(math.isfinite(x) for x in out):
+                raise ValueError("bin edges must be sorted finite numbers")
+            return out
+
+        ce, se = edges(state.get("centre_edges", ())), edges(state.get("spread_edges", ()))
+        groups = tuple(str(g) for g in state.get("groups", ()))
+        per_group = tuple((edges(c), edges(s)) for c, s in state.get("group_edges", ()))
+        if per_group and (len(per_group) != len(groups) or any(len(c) != len(ce) or len(s) != len(se) for c, s in per_group)):
+            raise ValueError("each group needs as many bin edges as the pooled ones")
+        return cls(ce, se, groups, per_group)
 
 
 def _finite(x: float) -> float | None:

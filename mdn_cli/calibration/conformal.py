@@ -15,10 +15,15 @@ to all images, and its records say so.
 from __future__ import annotations
 
 
+import torch
+
 from .. import mixture as mx
 from .. import modes
 from . import Calibration, FitData, Method, register
 from .cells import CellScores, Taxonomy, grid_for, quantile_edges
+
+GROUP_VAL_IMAGES = 20
+"""Val images a group needs for bin edges of its own (fewer: the pooled edges)."""
 from .scale import covariates, fit_covariates
 
 
@@ -31,7 +36,17 @@ def fit_conformal(data: FitData) -> Calibration:
     per_group = min((sum(1 for g in data.cal_groups if g == name) for name in names), default=len(cal))
     centre_bins, spread_bins = grid_for(per_group)
     centre, spread = covariates(val)
-    taxonomy = Taxonomy(quantile_edges(centre, centre_bins), quantile_edges(spread, spread_bins), tuple(names))
+    pooled = (quantile_edges(centre, centre_bins), quantile_edges(spread, spread_bins))
+    # Each group's bins from its own val images (a quiet group's spreads sit low: pooled edges would
+    # crowd its images into the narrow cells and leave its others small); pooled for a group with
+    # too few val images to place edges.
+    group_edges = ()
+    if names and data.val_groups is not None:
+        group_edges = tuple(
+            (quantile_edges(centre[rows], centre_bins), quantile_edges(spread[rows], spread_bins))
+            if int(rows.sum()) >= GROUP_VAL_IMAGES else pooled
+            for rows in (torch.tensor([g == name for g in data.val_groups], dtype=torch.bool) for name in names))
+    taxonomy = Taxonomy(*pooled, tuple(names), group_edges)
     cells, groups = taxonomy.assign(cal, data.cal_groups)
     pit, hdr = mx.cdf(cal, data.cal_targets), modes.hdr_score(cal, data.cal_targets)
     return Calibration("conformal", scale, taxonomy, CellScores.of(taxonomy, cells, groups, pit, hdr))
