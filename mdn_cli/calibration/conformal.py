@@ -14,17 +14,16 @@ to all images, and its records say so.
 
 from __future__ import annotations
 
-
 import torch
 
 from .. import mixture as mx
 from .. import modes
 from . import Calibration, FitData, Method, register
 from .cells import CellScores, Taxonomy, grid_for, quantile_edges
+from .scale import covariates, fit_covariates
 
 GROUP_VAL_IMAGES = 20
 """Val images a group needs for bin edges of its own (fewer: the pooled edges)."""
-from .scale import covariates, fit_covariates
 
 
 def fit_conformal(data: FitData) -> Calibration:
@@ -32,7 +31,6 @@ def fit_conformal(data: FitData) -> Calibration:
     val = scale.apply(data.val)
     cal = scale.apply(data.cal)
     names = sorted({g for g in data.cal_groups or [] if g is not None})
-    # Each group's calibration images are split into its own bins; the edges come from val.
     per_group = min((sum(1 for g in data.cal_groups if g == name) for name in names), default=len(cal))
     centre_bins, spread_bins = grid_for(per_group)
     centre, spread = covariates(val)
@@ -40,13 +38,12 @@ def fit_conformal(data: FitData) -> Calibration:
     # Each group's bins from its own val images (a quiet group's spreads sit low: pooled edges would
     # crowd its images into the narrow cells and leave its others small); pooled for a group with
     # too few val images to place edges.
-    group_edges = ()
-    if names and data.val_groups is not None:
-        group_edges = tuple(
-            (quantile_edges(centre[rows], centre_bins), quantile_edges(spread[rows], spread_bins))
-            if int(rows.sum()) >= GROUP_VAL_IMAGES else pooled
-            for rows in (torch.tensor([g == name for g in data.val_groups], dtype=torch.bool) for name in names))
-    taxonomy = Taxonomy(*pooled, tuple(names), group_edges)
+    group_edges = []
+    for name in names if data.val_groups is not None else ():
+        rows = torch.tensor([g == name for g in data.val_groups], dtype=torch.bool)
+        enough = int(rows.sum()) >= GROUP_VAL_IMAGES
+        group_edges.append((quantile_edges(centre[rows], centre_bins), quantile_edges(spread[rows], spread_bins)) if enough else pooled)
+    taxonomy = Taxonomy(*pooled, tuple(names), tuple(group_edges))
     cells, groups = taxonomy.assign(cal, data.cal_groups)
     pit, hdr = mx.cdf(cal, data.cal_targets), modes.hdr_score(cal, data.cal_targets)
     return Calibration("conformal", scale, taxonomy, CellScores.of(taxonomy, cells, groups, pit, hdr))
