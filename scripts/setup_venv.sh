@@ -9,11 +9,12 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 PY="$PWD/.venv/bin/python"
-# Reinstall only when pyproject.toml changed since the last install.
+# Reinstall only when pyproject.toml or the pins changed since the last install. The pins
+# (constraints-dev.txt) keep pip from resolving against whatever PyPI published today.
 stamp=.venv/.mdn-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints-dev.txt -nt "$stamp" ]; then
     "$PY" -m pip install --quiet --upgrade pip
-    "$PY" -m pip install --quiet -e ".[dev]"
+    "$PY" -m pip install --quiet -c constraints-dev.txt -e ".[dev]"
     touch "$stamp"
 fi
 export PY

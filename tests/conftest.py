@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,8 +19,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 # Caches (ONNX exports for onnxruntime, decoded images) go to a folder of this test session, never
-# to the user's home.
+# to the user's home, and go with the test process.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="mdn-test-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 # A test process that a shell without job control started in the background (`cmd &` in a script)
 # begins with SIGINT ignored, and Python leaves it so; these tests check mdn as a terminal runs it.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
