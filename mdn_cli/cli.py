@@ -158,7 +158,7 @@ Backend = Annotated[
     mdn train configs/toy.yaml --members 5
 
 The run folder (run.out_dir/run.name) gets config.yaml, splits.csv, metrics.csv, curves.png
-(rewritten every epoch: open it to watch the run), last.pt, best.pt and eval/.""")
+(redrawn at most every 30 s and at the end: open it to watch the run), last.pt, best.pt and eval/.""")
 def train(
     config: Annotated[Path, typer.Argument(metavar="CONFIG", help="A YAML config (see configs/ and the README's config reference), "
                                            "or a labels CSV: mdn then chooses the settings itself and prints its plan.")],

@@ -1,4 +1,4 @@
-"""Training curves: curves.png in the run folder, rewritten after every epoch, and optionally
+"""Training curves: curves.png in the run folder, redrawn as epochs end (train.py: CURVES_EVERY_S), and optionally
 TensorBoard event files (run.tensorboard: true) for those who watch runs there."""
 
 from __future__ import annotations

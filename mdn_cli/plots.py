@@ -61,7 +61,7 @@ def _num(x: float | None) -> str:
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
-    # Written to a temp file first: `curves.png` is rewritten every epoch while a user may be
+    # Written to a temp file first: `curves.png` is redrawn during training while a user may be
     # looking at it, and an evaluation interrupted half way should not leave a torn PNG.
     try:
         with atomic_writer(path, "wb", durable=False) as f:

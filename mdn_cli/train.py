@@ -69,6 +69,10 @@ from .data.splits import (
 )
 from .targets import TargetScaler
 
+# curves.png is redrawn after an epoch once this many seconds have passed since its last drawing, and
+# after the last epoch: a drawing takes about 0.3 s, a few percent of a run whose epochs take seconds.
+CURVES_EVERY_S = 30.0
+
 HISTORY_COLUMNS = ("epoch", "train_nll", "val_nll", "val_nll_calibrated", "val_mae", "lr", "images_per_s", "seconds")
 
 
@@ -181,6 +185,7 @@ class Training:
         self._feature_loaders: dict[str, torch.utils.data.DataLoader] = {}
         self.estimate: RunEstimate | None = None
         self.comments: tuple[dict[str, str] | None, str | None] = (None, None)  # reasons and header for config.yaml
+        self._curves_drawn: tuple[int, float] = (0, -math.inf)  # epochs in curves.png, and when it was drawn
         # TensorBoard (run.tensorboard): made here, so that a missing package stops the run before it trains.
         self.tensorboard = tensorboard_log(run_dir / TENSORBOARD_FOLDER, dist.is_main) if cfg.run.tensorboard else None
 
@@ -206,6 +211,8 @@ class Training:
                     self.end_epoch(epoch, fit, val, seconds)
                     interrupts.reached("epoch-end")
                 self.dist.check_stop()
+            if self.dist.is_main:
+                self.draw_curves(final=True)
         finally:
             self.close()
         if self.dist.is_main:
@@ -471,6 +478,7 @@ class Training:
         if self.dist.is_main:
             with phases.timed("checkpoints and curves"):
                 self.write_epoch(improved)
+            self.draw_curves()
         if self.tensorboard is not None:
             self.tensorboard.log(row)
         self.log(
@@ -515,9 +523,17 @@ class Training:
                 writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS)
                 writer.writeheader()
                 writer.writerows(self.history)
-        # curves.png beside metrics.csv, rewritten every epoch so that a run can be watched.
-        best = min(self.history, key=lambda r: r[self.selection])["epoch"]
-        write_curves(self.history, self.run_dir / "curves.png", best, target_label(self.cfg.data.model_dump()))
+
+    def draw_curves(self, final: bool = False) -> None:
+        """curves.png beside metrics.csv, so that a run can be watched: after the first epoch, then
+        every CURVES_EVERY_S seconds at most, and at the end (`final`) if it lags metrics.csv."""
+        drawn, when = self._curves_drawn
+        if not self.history or drawn == len(self.history) or not (final or time.perf_counter() - when >= CURVES_EVERY_S):
+            return
+        with phases.timed("checkpoints and curves"):
+            best = min(self.history, key=lambda r: r[self.selection])["epoch"]
+            write_curves(self.history, self.run_dir / "curves.png", best, target_label(self.cfg.data.model_dump()))
+        self._curves_drawn = (len(self.history), time.perf_counter())
 
     def on_skip(self, message: str) -> None:
         if self.cfg.data.on_bad_image == "error":

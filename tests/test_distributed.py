@@ -75,8 +75,10 @@ def test_torchrun_two_cpu_processes_match_a_single_process(tmp_path, textured):
 
     a_train, a_val = epochs(tmp_path / "runs/single/metrics.csv")
     b_train, b_val = epochs(tmp_path / "runs/ddp/metrics.csv")
-    assert b_train == pytest.approx(a_train, rel=3e-4)
-    assert b_val == pytest.approx(a_val, rel=3e-4)  # val NLL reduced over both processes' halves
+    # Rounding differences grow over the steps (AdamW moves a weight by ~lr whatever its gradient's
+    # size): measured up to 7e-4 relative by the third epoch, with oneDNN's NHWC kernels.
+    assert b_train == pytest.approx(a_train, rel=2e-3)
+    assert b_val == pytest.approx(a_val, rel=2e-3)  # val NLL reduced over both processes' halves
 
     a = torch.load(tmp_path / "runs/single/last.pt", weights_only=True)
     b = torch.load(tmp_path / "runs/ddp/last.pt", weights_only=True)

@@ -224,6 +224,22 @@ def test_training_writes_curves_every_epoch_with_the_best_epoch(run):
     assert calls["evaluation"] == ["weight (lb)"]  # the test-split evaluation after training
 
 
+@pytest.mark.parametrize("every_s, drawn", [(1e9, [1, 4]), (0.0, [1, 2, 3, 4])])
+def test_curves_are_redrawn_at_most_every_few_seconds_and_after_the_last_epoch(tmp_path, toy_data, monkeypatch, every_s, drawn):
+    """A drawing costs ~0.3 s: after the first epoch, then once CURVES_EVERY_S have passed, and
+    always after the last epoch, so that the finished run's curves show every epoch."""
+    import mdn_cli.train
+
+    calls = []
+    monkeypatch.setattr(mdn_cli.train, "CURVES_EVERY_S", every_s)
+    monkeypatch.setattr(mdn_cli.train, "write_curves", lambda history, *a: calls.append(len(history)) or curves.write_curves(history, *a))
+    config = write_config(tmp_path / "config.yaml", toy_data, tmp_path / "runs", train={"epochs": 4}, data={"test_fraction": 0.0})
+    result = mdn("train", config)
+    assert result.exit_code == 0, result.output
+    assert calls == drawn
+    assert Image.open(tmp_path / "runs" / "tiny" / "curves.png").size == (880, 924)
+
+
 def test_tensorboard_logs_every_history_column(run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
