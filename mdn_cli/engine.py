@@ -170,7 +170,7 @@ class Fitter:
         images = self.runtime.images(batch.images)
         y = self.runtime.values(self.targets.encode(batch.targets))  # standardised in float64 on the CPU
         mask = dropout_masks(batch.seeds, self.feature_dim, self.dropout)
-        with self.runtime.autocast():
+        with self.runtime.step_autocast():
             logits, means, stds = self.module(images, None if mask is None else self.runtime.values(mask))
         nll = mixture_nll(logits, means, stds, y)
         # This process's share of the global batch mean: DDP averages over processes, so the
@@ -264,7 +264,7 @@ def validate_epoch(
     module: nn.Module, batches: Iterable[Batch], runtime: Runtime, targets: TargetScaler, dist: Dist, on_skip: Callable[[str], None]
 ) -> Validation:
     """Scores on this process's share of the val split, summed over all processes."""
-    out = run_model(module, batches, runtime, on_skip, moment="val-batch")
+    out = run_model(module, batches, runtime, on_skip, moment="val-batch", as_steps=True)
     sums = [0.0, 0.0, 0, *([0.0] * len(SELECTION_SCALES))]  # a process whose share did not decode still takes part
     if len(out.targets):
         m, y = targets.to_mixture(*out.heads), out.targets

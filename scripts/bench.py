@@ -324,7 +324,7 @@ def make_bare_step(model: MDNRegressor, cfg: Config, runtime: Runtime, images: t
     def run(n_steps: int = steps) -> int:
         for i in range(n_steps):
             j = (i % steps) * batch_size
-            with runtime.autocast():
+            with runtime.step_autocast():  # the precision of mdn's own training steps
                 logits, means, stds = forward(images[j : j + batch_size])
             loss = mixture_nll(logits, means, stds, y[j : j + batch_size]).mean()
             optimizer.zero_grad(set_to_none=True)
@@ -363,7 +363,7 @@ def measure_training(training: Training, bare_images: torch.Tensor, windows: int
         "steps_per_window": t.steps_per_epoch,
         "augment": {"flip": cfg.data.flip, "shift": cfg.data.shift},
         "workers": t.num_workers,
-        "precision": "fp32" if t.runtime.amp_dtype is None else str(t.runtime.amp_dtype).removeprefix("torch."),
+        "precision": t.runtime.precision,
         "cold_first_epoch_images_per_s": t.steps_per_epoch * cfg.train.batch_size / warm_s,
         "mdn": mdn.to_json(),
         "bare": ref.to_json(),
@@ -719,7 +719,7 @@ def machine_info(device: str) -> dict:
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "device": str(runtime.device),
-        "precision": "fp32" if runtime.amp_dtype is None else str(runtime.amp_dtype).removeprefix("torch."),
+        "precision": runtime.precision,
         "loader_workers_auto": resolve_num_workers("auto"),
     }
     if runtime.device.type == "cuda":
@@ -752,10 +752,11 @@ def main(argv: list[str] | None = None) -> int:
 
     runtime = select_runtime(args.device)
     matmul_fp32 = measure_matmul(runtime.device, torch.float32, plan.matmul_size, plan.matmul_repeats)
-    # the ceiling is a matmul in the precision training runs in (bf16/fp16 autocast on CUDA)
+    # the ceiling is a matmul in the precision training runs in (bf16/fp16 autocast on CUDA, bf16 steps on some CPUs)
     matmul = matmul_fp32
-    if runtime.amp_dtype is not None:
-        matmul = measure_matmul(runtime.device, runtime.amp_dtype, plan.matmul_size, plan.matmul_repeats)
+    step_dtype = torch.bfloat16 if runtime.cpu_bf16_steps else runtime.amp_dtype
+    if step_dtype is not None:
+        matmul = measure_matmul(runtime.device, step_dtype, plan.matmul_size, plan.matmul_repeats)
     log(f"matmul {plan.matmul_size} {matmul['dtype']}: {matmul['gflops']:.1f} GFLOP/s")
 
     results = []

@@ -143,8 +143,9 @@ def mdn_run(seed: int, runs: Path) -> dict:
 
     epochs = list(csv.DictReader(open(run / "metrics.csv", newline="")))
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
-    breakdown = done.stdout + done.stderr
-    breakdown = breakdown[breakdown.rfind("where this run's time went"):].strip() if "where this run's time went" in breakdown else ""
+    # the breakdown's lines, up to the first blank one (the progress bars on stderr follow stdout here)
+    log = done.stdout + done.stderr
+    breakdown = log[log.rfind("where this run's time went"):].split("\n\n")[0].strip() if "where this run's time went" in log else ""
     return {"wall_s": wall, "train_val_s": sum(float(r["seconds"]) for r in epochs), "epochs": len(epochs),
             "nll": metrics["nll"], "crps": metrics["crps"], "mae_median": metrics["mae_median"],
             "coverage_68": metrics["coverage_68"], "coverage_95": metrics["coverage_95"],

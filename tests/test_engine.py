@@ -211,6 +211,61 @@ def test_auto_precision_never_picks_emulated_bf16(monkeypatch, native, expected)
     assert select_runtime("cuda", "fp32").amp_dtype is None
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_training_steps_use_bf16_only_where_the_cpu_has_it(monkeypatch, native):
+    from mdn_cli.errors import ConfigError
+
+    monkeypatch.setenv("MDN_CPU_BF16", "1" if native else "0")
+    runtime = select_runtime("cpu", "auto")
+    assert runtime.amp_dtype is None and runtime.cpu_bf16_steps == native
+    conv, x = torch.nn.Conv2d(3, 4, 3), torch.randn(1, 3, 8, 8)
+    with runtime.step_autocast():
+        assert conv(x).dtype == (torch.bfloat16 if native else torch.float32)
+    with runtime.autocast():
+        assert conv(x).dtype == torch.float32
+    assert not select_runtime("cpu", "fp32").cpu_bf16_steps
+    assert not select_runtime("cpu", "auto", what="--precision").cpu_bf16_steps  # prediction: fp32, as onnxruntime's
+    if native:
+        assert select_runtime("cpu", "bf16").cpu_bf16_steps
+    else:
+        with pytest.raises(ConfigError, match="train.precision: bf16 needs a CUDA GPU or a CPU with native bf16"):
+            select_runtime("cpu", "bf16")
+
+
+def test_bf16_training_steps_leave_every_pass_that_calibrates_or_measures_in_fp32(tiny_config, monkeypatch):
+    """With bf16 steps on a CPU, the backbone computes in bf16 while it trains and while validation
+    picks the epoch, and in fp32 for calibration, the feature bank and the test split: the
+    intervals and the numbers a run reports are fp32's."""
+    from mdn_cli import interrupts
+
+    monkeypatch.setenv("MDN_CPU_BF16", "1")
+    moment, seen = ["start"], set()
+    reached = interrupts.reached
+
+    def record_moment(name):  # the named moments the code reports, as the interrupt sweeps use them
+        moment[0] = name
+        reached(name)
+
+    def record(module, inputs, output):
+        if isinstance(module, torch.nn.Conv2d):
+            seen.add((moment[0], output.dtype))
+
+    monkeypatch.setattr(interrupts, "reached", record_moment)
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        result = mdn("train", tiny_config, "--set", "train.epochs=1", "--set", "train.unfreeze_after=null")
+    finally:
+        handle.remove()
+    assert result.exit_code == 0, result.output
+    assert "bf16 training steps" in result.output
+    dtypes = {name: {dtype for m, dtype in seen if m == name} for name, _ in seen}
+    assert dtypes["train-batch"] == {torch.bfloat16} and dtypes["val-batch"] == {torch.bfloat16}
+    assert dtypes["calibration-batch"] == {torch.float32} and dtypes["evaluation-batch"] == {torch.float32}
+    # after "model-built" comes the ETA's probe, which times training steps on a copy of the model
+    assert all(d == {torch.float32} for name, d in dtypes.items() if name not in ("train-batch", "val-batch", "model-built")), dtypes
+    assert "checkpoint-loaded" in dtypes  # the feature bank and calibration, from best.pt
+
+
 def test_inference_defaults_to_fp32_and_names_its_own_option(monkeypatch):
     from mdn_cli.errors import ConfigError
 

@@ -171,7 +171,8 @@ class TrainConfig(_Section):
     """Max global gradient norm (null disables clipping)."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 on CUDA GPUs with native bf16, fp16 with a gradient scaler on older ones
-    (V100, T4); fp32 on CPU and MPS. The MDN head and the loss always run in fp32."""
+    (V100, T4); on CPUs fp32, but the backbone in bf16 for training steps and validation where the
+    CPU has it natively (AVX512-BF16, AMX); fp32 on MPS. The MDN head and the loss always run in fp32."""
     compile: bool = False
     """torch.compile the model (worth it on GPUs for long runs); falls back to eager with a warning."""
     early_stopping_patience: int | None = Field(5, ge=1)
