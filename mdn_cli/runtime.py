@@ -70,7 +70,7 @@ class Runtime:
     @property
     def precision(self) -> str:
         name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
-        return f"{name}, bf16 training steps" if self.cpu_bf16_steps else name
+        return "bf16 training steps and validation, fp32 otherwise" if self.cpu_bf16_steps else name
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         model.to(self.device)
@@ -135,8 +135,8 @@ def cpu_has_native_bf16() -> bool:
 def select_runtime(device_setting: str, precision: str = "auto", what: str = "train.precision") -> Runtime:
     """The device and the autocast dtype. `auto` precision: bf16 on GPUs with native bf16 (Ampere
     and newer), fp16 with a gradient scaler on older GPUs (V100, T4: their bf16 is emulated and
-    slow); on CPUs, fp32, but training steps (`what` train.*) in bf16 where the CPU has it natively
-    (`cpu_bf16_steps`); fp32 on MPS. `what` names the setting in error messages."""
+    slow); on CPUs, fp32, but training steps and validation (`what` train.*) in bf16 where the CPU
+    has it natively (`cpu_bf16_steps`); fp32 on MPS. `what` names the setting in error messages."""
     training = what.startswith("train.")
     device = select_device(device_setting, "run.device" if training else "--device")
     if device.type == "cpu" and training and precision in ("auto", "bf16"):
